@@ -1,0 +1,1 @@
+"""Datasets, augmentation, CRF, metrics, artifact I/O and the training engine."""

@@ -1,0 +1,199 @@
+"""Experiment folders, experiment names and atomic artifact I/O shared by every stage.
+
+Layout (``root`` defaults to ``experiments/``)::
+
+    models/<tag>.pth                 best weights, the next stage's input
+    models/<tag>.last.pth            full training checkpoint for --resume
+    logs/<tag>.txt, logs/<tag>.json  text and JSON logs
+    tensorboards/<tag>/              TensorBoard events
+    predictions/<experiment name>/   one file per image id (.npz CAMs / random walk, .png labels)
+
+Every write goes to a temporary file in the same folder and is renamed into place, so a killed run
+never leaves a truncated file that a rerun would mistake for a finished one.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+CAM_SUFFIX = ".npz"
+LEGACY_SUFFIX = ".npy"
+PNG_SUFFIX = ".png"
+
+
+class ArtifactError(ValueError):
+    """A missing, incomplete or unreadable artifact: the message names the file."""
+
+
+# ----------------------------------------------------------------------------- naming
+def domain_tag(domain: str) -> str:
+    """The original tags every domain containing 'train' (train, train_aug) as ``train``, else ``val``."""
+    return "train" if "train" in domain else "val"
+
+
+def format_scales(scales: list[float] | tuple[float, ...]) -> str:
+    """``[0.5, 1.0]`` -> ``'0.5,1.0'`` as in the original's folder names."""
+    return ",".join(str(float(scale)) for scale in scales)
+
+
+def cam_experiment_name(tag: str, domain: str, scales: list[float] | tuple[float, ...]) -> str:
+    return f"{tag}@{domain_tag(domain)}@scale={format_scales(scales)}"
+
+
+def affinity_label_name(cam_experiment: str, fg_threshold: float, bg_threshold: float) -> str:
+    return f"{cam_experiment}@aff_fg={fg_threshold:.2f}_bg={bg_threshold:.2f}"
+
+
+def random_walk_name(model_name: str, domain: str, beta: int, exp_times: int) -> str:
+    return f"{model_name}@{domain_tag(domain)}@beta={beta}@exp_times={exp_times}@rw"
+
+
+def pseudo_label_name(experiment_name: str, crf_iteration: int) -> str:
+    return f"{experiment_name}@crf={crf_iteration}"
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where a stage reads and writes its artifacts."""
+
+    root: Path = Path("experiments")
+
+    def model(self, tag: str) -> Path:
+        return self.root / "models" / f"{tag}.pth"
+
+    def checkpoint(self, tag: str) -> Path:
+        return self.root / "models" / f"{tag}.last.pth"
+
+    def text_log(self, tag: str) -> Path:
+        return self.root / "logs" / f"{tag}.txt"
+
+    def json_log(self, tag: str) -> Path:
+        return self.root / "logs" / f"{tag}.json"
+
+    def tensorboard(self, tag: str) -> Path:
+        return self.root / "tensorboards" / tag
+
+    def predictions(self, experiment_name: str) -> Path:
+        return self.root / "predictions" / experiment_name
+
+
+# ----------------------------------------------------------------------------- atomic writes
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(temporary)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Write an uncompressed ``.npz`` atomically (no pickled objects inside)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_png(path: str | Path, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a ``(H, W)`` uint8 label map as PNG: palette mode ``P`` if a palette is given, else ``L``."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"{path}: a label PNG needs a (H, W) array, got shape {label.shape}")
+    image = Image.fromarray(label.astype(np.uint8), mode="P" if palette is not None else "L")
+    if palette is not None:
+        image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ----------------------------------------------------------------------------- reading
+def prediction_file(directory: str | Path, image_id: str) -> Path:
+    """The CAM / random-walk file of an id: ``<id>.npz``, or a legacy ``<id>.npy`` if only that exists."""
+    directory = Path(directory)
+    native = directory / f"{image_id}{CAM_SUFFIX}"
+    legacy = directory / f"{image_id}{LEGACY_SUFFIX}"
+    return legacy if not native.exists() and legacy.exists() else native
+
+
+def load_prediction(path: str | Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Read a CAM or random-walk artifact into ``{'keys', 'cam'?, 'hr_cam'?, 'rw'?}``.
+
+    ``.npz`` files are read without pickle. The original repository's ``.npy`` files are pickled
+    Python dicts: they are read only with ``allow_pickle=True`` (``--allow_pickle`` on the command
+    line), and torch tensors inside them are converted to numpy.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: prediction file not found")
+    if path.suffix == LEGACY_SUFFIX:
+        if not allow_pickle:
+            raise ArtifactError(
+                f"{path}: a legacy .npy prediction is a pickled dict; pass --allow_pickle to import "
+                "files from the original repository you trust"
+            )
+        try:
+            content = np.load(path, allow_pickle=True).item()
+        except Exception as error:  # corrupt or not a dict: say which file
+            raise ArtifactError(f"{path}: cannot read legacy prediction ({error})") from error
+        return {name: _to_numpy(value) for name, value in content.items()}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            content = {name: archive[name] for name in archive.files}
+    except Exception as error:
+        raise ArtifactError(f"{path}: cannot read prediction ({error})") from error
+    if "keys" not in content:
+        raise ArtifactError(f"{path}: prediction has no 'keys' array")
+    return content
+
+
+def _to_numpy(value: object) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def load_label_png(path: str | Path) -> np.ndarray:
+    """A PNG label map as ``(H, W)`` uint8 indices (palette or grayscale PNG)."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: label PNG not found")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise ArtifactError(f"{path}: expected a palette or grayscale PNG, got mode {image.mode}")
+            return np.asarray(image, dtype=np.uint8)
+    except ArtifactError:
+        raise
+    except Exception as error:
+        raise ArtifactError(f"{path}: unreadable PNG ({error})") from error
+
+
+def missing_ids(directory: str | Path, ids: list[str], suffix: str) -> list[str]:
+    """Ids that have no ``<id><suffix>`` in ``directory`` (for clear 'run stage X first' errors)."""
+    directory = Path(directory)
+    return [image_id for image_id in ids if not (directory / f"{image_id}{suffix}").exists()]
