@@ -194,6 +194,21 @@ def load_label_png(path: str | Path) -> np.ndarray:
 
 
 def missing_ids(directory: str | Path, ids: list[str], suffix: str) -> list[str]:
-    """Ids that have no ``<id><suffix>`` in ``directory`` (for clear 'run stage X first' errors)."""
+    """Ids that have no ``<id><suffix>`` in ``directory``; for ``CAM_SUFFIX`` a legacy ``.npy`` also counts."""
     directory = Path(directory)
+    if suffix == CAM_SUFFIX:
+        return [image_id for image_id in ids if not prediction_file(directory, image_id).exists()]
     return [image_id for image_id in ids if not (directory / f"{image_id}{suffix}").exists()]
+
+
+def require_complete(directory: str | Path, ids: list[str], suffix: str, command: str) -> None:
+    """Fail with the first id whose artifact is missing and the command that makes it."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: folder not found; make it first with:\n  {command}")
+    absent = missing_ids(directory, ids, suffix)
+    if absent:
+        raise ArtifactError(
+            f"{directory}: {len(absent)} of {len(ids)} files missing, first '{absent[0]}{suffix}'; "
+            f"make them with:\n  {command}"
+        )

@@ -1,0 +1,84 @@
+"""Affinity labels for AffinityNet: confident fg / bg from the CAMs, each refined by a label CRF.
+
+    python make_affinity_labels.py --experiment_name <cam experiment> --domain train_aug
+
+reads ``experiments/predictions/<cam experiment>/<id>.npz`` (``keys``, ``hr_cam``) and writes
+``experiments/predictions/<cam experiment>@aff_fg=0.11_bg=0.15/<id>.png`` (0 background,
+class ids, 255 uncertain).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, load_prediction, prediction_file,
+                             require_complete, save_png)
+from tools.cli import run_main, add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data
+from tools.dataset import VOCReader
+from tools.labels import AFFINITY_CRF_ITERATIONS, affinity_label
+from tools.parallel import parallel_map
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment_name", required=True, help="CAM folder under experiments/predictions/")
+    add_dataset_args(parser)
+    parser.add_argument("--fg_threshold", type=float, default=0.11)
+    parser.add_argument("--bg_threshold", type=float, default=0.15)
+    parser.add_argument("--swap_thresholds", action="store_true",
+                        help="fixed behaviour: confident fg uses the higher threshold, confident bg the lower "
+                             "(the original's 0.11 < 0.15 leaves no uncertain band before the CRF)")
+    parser.add_argument("--crf_iteration", type=int, default=AFFINITY_CRF_ITERATIONS)
+    parser.add_argument("--allow_pickle", action="store_true", help="read the original repository's .npy CAMs")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite labels that already exist")
+    add_jobs_arg(parser)
+    return parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Job:
+    reader: VOCReader
+    cam_dir: object
+    out_dir: object
+    fg_threshold: float
+    bg_threshold: float
+    crf_iteration: int
+    allow_pickle: bool
+
+
+def make_one(job: Job, image_id: str) -> None:
+    cams = load_prediction(prediction_file(job.cam_dir, image_id), job.allow_pickle)
+    image = np.array(job.reader.load_image(image_id))
+    label = affinity_label(image, cams["hr_cam"], cams["keys"], job.fg_threshold, job.bg_threshold,
+                           job.crf_iteration)
+    save_png(job.out_dir / f"{image_id}{PNG_SUFFIX}", label)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data = open_stage_data(args)
+    cam_dir = data.paths.predictions(args.experiment_name)
+    require_complete(cam_dir, data.ids, CAM_SUFFIX,
+                     f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ...")
+    fg, bg = args.fg_threshold, args.bg_threshold
+    if args.swap_thresholds:
+        fg, bg = max(fg, bg), min(fg, bg)
+    name = affinity_label_name(args.experiment_name, args.fg_threshold, args.bg_threshold)
+    if args.swap_thresholds:
+        name += "@swapped"
+    out_dir = data.paths.predictions(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = data.ids if args.overwrite else [i for i in data.ids if not (out_dir / f"{i}{PNG_SUFFIX}").exists()]
+    print(f"{len(data.ids) - len(todo)} of {len(data.ids)} affinity labels already exist in {out_dir}")
+    job = Job(data.reader, cam_dir, out_dir, fg, bg, args.crf_iteration, args.allow_pickle)
+    for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "affinity labels"):
+        pass
+    print("Next: python train_affinitynet.py --tag AffinityNet@SemFormer "
+          f"--label_name {name} {dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

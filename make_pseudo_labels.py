@@ -1,0 +1,79 @@
+"""Pseudo labels for the segmentation stage from random-walk results (or CAMs).
+
+    python make_pseudo_labels.py --experiment_name <rw experiment> --domain train_aug --crf_iteration 1
+
+reads ``experiments/predictions/<experiment>/<id>.npz`` (``rw``, else ``hr_cam``), thresholds the
+background at 0.25, refines with a label CRF and writes palette PNGs (values 0..C-1, no ignore) to
+``experiments/predictions/<experiment>@crf=<n>/<id>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, load_prediction, prediction_file, pseudo_label_name,
+                             require_complete, save_png)
+from tools.cli import run_main, add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data
+from tools.dataset import VOCReader
+from tools.labels import scores_to_label
+from tools.parallel import parallel_map
+
+PSEUDO_LABEL_THRESHOLD = 0.25
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment_name", required=True, help="random-walk (or CAM) folder under predictions/")
+    add_dataset_args(parser)
+    parser.add_argument("--threshold", type=float, default=PSEUDO_LABEL_THRESHOLD, help="background score")
+    parser.add_argument("--crf_iteration", type=int, default=1)
+    parser.add_argument("--allow_pickle", action="store_true", help="read the original repository's .npy files")
+    parser.add_argument("--overwrite", action="store_true", help="rewrite labels that already exist")
+    add_jobs_arg(parser)
+    return parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Job:
+    reader: VOCReader
+    in_dir: Path
+    out_dir: Path
+    palette: np.ndarray
+    threshold: float
+    crf_iteration: int
+    allow_pickle: bool
+
+
+def make_one(job: Job, image_id: str) -> None:
+    prediction = load_prediction(prediction_file(job.in_dir, image_id), job.allow_pickle)
+    scores = prediction["rw"] if "rw" in prediction else prediction["hr_cam"]
+    image = np.array(job.reader.load_image(image_id)) if job.crf_iteration > 0 else None
+    label = scores_to_label(scores, prediction["keys"], job.threshold, image, job.crf_iteration)
+    save_png(job.out_dir / f"{image_id}{PNG_SUFFIX}", label, job.palette)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data = open_stage_data(args)
+    in_dir = data.paths.predictions(args.experiment_name)
+    require_complete(in_dir, data.ids, CAM_SUFFIX,
+                     f"python inference_rw.py --domain {args.domain} {dataset_flags(args)} ...")
+    name = pseudo_label_name(args.experiment_name, args.crf_iteration)
+    out_dir = data.paths.predictions(name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = data.ids if args.overwrite else [i for i in data.ids if not (out_dir / f"{i}{PNG_SUFFIX}").exists()]
+    print(f"{len(data.ids) - len(todo)} of {len(data.ids)} pseudo labels already exist in {out_dir}")
+    job = Job(data.reader, in_dir, out_dir, data.descriptor.palette, args.threshold, args.crf_iteration,
+              args.allow_pickle)
+    for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "pseudo labels"):
+        pass
+    print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} --mode png "
+          f"{dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

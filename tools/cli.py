@@ -1,0 +1,74 @@
+"""Command-line pieces every stage script shares: dataset selection and experiment folders."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tools.artifacts import ArtifactError, ExperimentPaths
+from tools.dataset import VOCReader
+from tools.descriptor import DEFAULT_DESCRIPTOR, DatasetDescriptor, DatasetError, load_descriptor, read_id_list
+from tools.parallel import default_jobs
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> None:
+    """``--dataset`` (descriptor JSON), ``--data_dir``, ``--domain``, ``--list``, ``--experiments_dir``."""
+    group = parser.add_argument_group("dataset")
+    group.add_argument("--dataset", default=str(DEFAULT_DESCRIPTOR),
+                       help="dataset descriptor JSON (class names, palette, list files)")
+    group.add_argument("--data_dir", default=None,
+                       help="dataset root with JPEGImages/, Annotations/, SegmentationClass/ "
+                            "(default: the descriptor's data_dir)")
+    group.add_argument("--domain", default=domain, help="list of the descriptor: train, train_aug, val, ...")
+    group.add_argument("--list", default=None, help="a list file of ids to use instead of the domain's")
+    group.add_argument("--experiments_dir", default="experiments",
+                       help="root of models/, logs/, tensorboards/, predictions/")
+
+
+def add_jobs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n_jobs", type=int, default=default_jobs(), help="worker processes (default: all cores)")
+
+
+@dataclass(frozen=True)
+class StageData:
+    """What a stage script needs to know about its data."""
+
+    descriptor: DatasetDescriptor
+    reader: VOCReader
+    ids: list[str]
+    paths: ExperimentPaths
+
+
+def open_stage_data(args: argparse.Namespace) -> StageData:
+    """Descriptor, reader and id list from the ``add_dataset_args`` flags."""
+    descriptor = load_descriptor(args.dataset)
+    reader = VOCReader(descriptor, args.data_dir)
+    ids = read_id_list(args.list) if args.list else descriptor.read_ids(args.domain)
+    return StageData(descriptor, reader, ids, ExperimentPaths(Path(args.experiments_dir)))
+
+
+def shard(ids: list[str], start: float, end: float) -> list[str]:
+    """The ``[start, end)`` fraction of an id list, as the original's ``--start/--end``."""
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"--start/--end must satisfy 0 <= start < end <= 1, got {start}, {end}")
+    return ids[int(len(ids) * start): int(len(ids) * end)]
+
+
+def dataset_flags(args: argparse.Namespace) -> str:
+    """The dataset flags to repeat in a printed next-stage command."""
+    flags = f"--dataset {args.dataset}"
+    if args.data_dir:
+        flags += f" --data_dir {args.data_dir}"
+    if args.experiments_dir != "experiments":
+        flags += f" --experiments_dir {args.experiments_dir}"
+    return flags
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's ``main``; bad input (a named file or argument) exits with its message, no traceback."""
+    try:
+        main()
+    except (DatasetError, ArtifactError) as error:
+        sys.exit(f"error: {error}")

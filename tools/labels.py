@@ -1,0 +1,59 @@
+"""From per-class score maps to label maps: the background-threshold argmax and affinity labels.
+
+Score maps are CAMs (``hr_cam``) or random-walk results (``rw``) of the present classes only,
+``(n, H, W)``; ``keys`` ``(n + 1,)`` maps local channel indices to dataset class ids, with the
+background 0 first.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from tools.crf import crf_inference_label
+
+AFFINITY_CRF_ITERATIONS = 10
+UNCERTAIN = 255
+
+
+def threshold_argmax(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Local label map ``(H, W)`` int64: prepend a constant background plane, take the argmax.
+
+    Ties go to the lower index, so a score equal to the threshold is background.
+    """
+    scores = np.asarray(scores, dtype=np.float32)
+    background = np.full((1, *scores.shape[1:]), threshold, dtype=np.float32)
+    return np.argmax(np.concatenate([background, scores]), axis=0)
+
+
+def scores_to_label(
+    scores: np.ndarray, keys: np.ndarray, threshold: float, image: np.ndarray | None = None, crf_iteration: int = 0
+) -> np.ndarray:
+    """Class label map ``(H, W)`` uint8: threshold argmax, optional label CRF on the RGB ``image``, keys."""
+    local = threshold_argmax(scores, threshold)
+    if crf_iteration > 0:
+        if image is None:
+            raise ValueError("the CRF needs the RGB image")
+        local = crf_inference_label(image, local, n_labels=len(keys), t=crf_iteration)
+    return np.asarray(keys)[local].astype(np.uint8)
+
+
+def affinity_label(
+    image: np.ndarray,
+    hr_cam: np.ndarray,
+    keys: np.ndarray,
+    fg_threshold: float,
+    bg_threshold: float,
+    crf_iteration: int = AFFINITY_CRF_ITERATIONS,
+) -> np.ndarray:
+    """Affinity-label map ``(H, W)`` uint8 of the original ``make_affinity_labels.py``.
+
+    Two CRF-refined label maps, one thresholded at ``fg_threshold`` and one at ``bg_threshold``.
+    The result keeps the fg map's class where it says foreground, 0 where both say background and
+    255 (uncertain) where only the bg map says foreground. With the paper's fg 0.11 < bg 0.15 the
+    uncertain band comes only from the two CRFs disagreeing (a quirk kept on purpose).
+    """
+    fg = scores_to_label(hr_cam, keys, fg_threshold, image, crf_iteration)
+    bg = scores_to_label(hr_cam, keys, bg_threshold, image, crf_iteration)
+    label = fg.copy()
+    label[fg == 0] = UNCERTAIN
+    label[(fg == 0) & (bg == 0)] = 0
+    return label
