@@ -1,0 +1,89 @@
+"""Reading weight files and checking them against a model's state dict, with errors that name the problem."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import Tensor
+
+from tools.artifacts import ArtifactError
+
+SAFETENSORS_SUFFIX = ".safetensors"
+LISTED_KEYS = 10  # keys named per kind of problem in an error message
+
+
+class CheckpointError(ArtifactError):
+    """A weight file that cannot be read or does not fit the model: the message names file and keys."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Tensors of a ``.pth`` (a state dict, or DeiT's ``{'model': state_dict}``) or ``.safetensors`` file.
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)``: nothing is unpickled.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            state = load_safetensors(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch and safetensors raise many types for damaged files
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
+        state = state["model"]
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise CheckpointError(
+            f"{path}: expected a state dict of tensors (or {{'model': state_dict}}), found {type(state).__name__}"
+        )
+    return dict(state)
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:LISTED_KEYS])
+    return shown + (f", ... ({len(keys) - LISTED_KEYS} more)" if len(keys) > LISTED_KEYS else "")
+
+
+@dataclass
+class StateDictDiff:
+    """How a found state dict differs from the expected one (keys in the expected dict's order)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    def describe(self, include_unexpected: bool = True) -> str:
+        """One line per kind of problem, naming the keys (and expected vs found shapes)."""
+        lines = []
+        if self.missing:
+            lines.append(f"missing keys ({len(self.missing)}): {_listed(self.missing)}")
+        if self.unexpected and include_unexpected:
+            lines.append(f"unexpected keys ({len(self.unexpected)}): {_listed(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{key}: expected {list(want)}, found {list(got)}" for key, want, got in self.mismatched]
+            lines.append(f"shape mismatches ({len(shapes)}): {_listed(shapes)}")
+        return "\n".join(lines)
+
+
+def compare_state_dicts(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> StateDictDiff:
+    """Missing, unexpected and shape-mismatched keys of ``found`` against ``expected`` (shapes only)."""
+    diff = StateDictDiff()
+    for key, tensor in expected.items():
+        if key not in found:
+            diff.missing.append(key)
+        elif tuple(found[key].shape) != tuple(tensor.shape):
+            diff.mismatched.append((key, tuple(tensor.shape), tuple(found[key].shape)))
+    diff.unexpected = [key for key in found if key not in expected]
+    return diff
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], source: str | Path) -> None:
+    """``module.load_state_dict(state)`` after checking every key and shape; errors name ``source``."""
+    diff = compare_state_dicts(module.state_dict(), state)
+    if diff.missing or diff.unexpected or diff.mismatched:
+        raise CheckpointError(f"{source}: the weights do not fit {type(module).__name__}\n{diff.describe()}")
+    module.load_state_dict(state)
