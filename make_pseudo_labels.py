@@ -52,7 +52,8 @@ def make_one(job: Job, image_id: str) -> None:
     prediction = load_prediction(prediction_file(job.in_dir, image_id), job.allow_pickle)
     scores = prediction["rw"] if "rw" in prediction else prediction["hr_cam"]
     image = np.array(job.reader.load_image(image_id)) if job.crf_iteration > 0 else None
-    label = scores_to_label(scores, prediction["keys"], job.threshold, image, job.crf_iteration)
+    background = prediction.get("rw_bg", job.threshold)  # a propagated background replaces the threshold
+    label = scores_to_label(scores, prediction["keys"], background, image, job.crf_iteration)
     save_png(job.out_dir / f"{image_id}{PNG_SUFFIX}", label, job.palette)
 
 

@@ -87,3 +87,11 @@ def load_strict(module: torch.nn.Module, state: Mapping[str, Tensor], source: st
     if diff.missing or diff.unexpected or diff.mismatched:
         raise CheckpointError(f"{source}: the weights do not fit {type(module).__name__}\n{diff.describe()}")
     module.load_state_dict(state)
+
+
+def load_weights(module: torch.nn.Module, path: str | Path, command: str | None = None) -> None:
+    """Load a stage's saved model strictly; ``command`` (the stage that makes it) is named if it is missing."""
+    path = Path(path)
+    if not path.is_file() and command:
+        raise CheckpointError(f"{path}: model file not found; make it first with:\n  {command}")
+    load_strict(module, read_state_dict(path), path)

@@ -212,3 +212,4 @@ def require_complete(directory: str | Path, ids: list[str], suffix: str, command
             f"{directory}: {len(absent)} of {len(ids)} files missing, first '{absent[0]}{suffix}'; "
             f"make them with:\n  {command}"
         )
+

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from tools.artifacts import ArtifactError, ExperimentPaths
 from tools.dataset import VOCReader
@@ -72,3 +75,21 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except (DatasetError, ArtifactError) as error:
         sys.exit(f"error: {error}")
+
+
+def inference_device(requested: str | None = None) -> torch.device:
+    """``--device`` if given, else this torchrun rank's GPU (``LOCAL_RANK``), else the CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def rank_shard(ids: list[str]) -> list[str]:
+    """This process's share of an id list under ``torchrun`` (every WORLD_SIZE-th id), else all ids.
+
+    Inference needs no process group: each rank writes its own files.
+    """
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return ids[rank::world_size]

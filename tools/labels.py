@@ -14,18 +14,20 @@ AFFINITY_CRF_ITERATIONS = 10
 UNCERTAIN = 255
 
 
-def threshold_argmax(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """Local label map ``(H, W)`` int64: prepend a constant background plane, take the argmax.
+def threshold_argmax(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """Local label map ``(H, W)`` int64: prepend a background plane, take the argmax.
 
-    Ties go to the lower index, so a score equal to the threshold is background.
+    The plane is the constant ``threshold``, or a ``(H, W)`` background score (a random walk that
+    propagated a background channel). Ties go to the lower index, so a score equal to the
+    threshold is background.
     """
     scores = np.asarray(scores, dtype=np.float32)
-    background = np.full((1, *scores.shape[1:]), threshold, dtype=np.float32)
+    background = np.broadcast_to(np.asarray(threshold, dtype=np.float32), scores.shape[1:])[None]
     return np.argmax(np.concatenate([background, scores]), axis=0)
 
 
 def scores_to_label(
-    scores: np.ndarray, keys: np.ndarray, threshold: float, image: np.ndarray | None = None, crf_iteration: int = 0
+    scores: np.ndarray, keys: np.ndarray, threshold: float | np.ndarray, image: np.ndarray | None = None, crf_iteration: int = 0
 ) -> np.ndarray:
     """Class label map ``(H, W)`` uint8: threshold argmax, optional label CRF on the RGB ``image``, keys."""
     local = threshold_argmax(scores, threshold)

@@ -1,0 +1,98 @@
+"""Random-walk refinement of the stride-4 CAMs with AffinityNet's edge map.
+
+    python inference_rw.py --model_name AffinityNet@SemFormer \
+        --cam_dir SemFormer@CAAE@DeiT-B-Dist@train@scale=0.5,1.0,1.5,2.0 --domain train_aug
+
+reads ``experiments/models/<model_name>.pth`` and the CAMs' ``cam`` arrays, and writes
+``experiments/predictions/<model_name>@train@beta=10@exp_times=8@rw/<id>.npz`` with ``keys`` and
+``rw (n, H, W)``. Defaults reproduce the original (radius 5 although training used 10, no background
+channel, one global max); ``--background`` and ``--normalize per_class`` are the common variants.
+The walk uses a sparse transition matrix: no dense (HW)^2 matrix is ever built.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.affinitynet import AffinityNet, EDGE_MAP_MIN_SIZE
+from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, normalize_rw, random_walk
+from core.checkpoint import load_weights
+from tools.artifacts import (CAM_SUFFIX, load_prediction, prediction_file, random_walk_name,
+                             require_complete, save_npz)
+from tools.cli import (add_dataset_args, dataset_flags, inference_device, open_stage_data, rank_shard, run_main,
+                       shard)
+from tools.transforms import normalize
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name", required=True, help="AffinityNet tag under experiments/models/")
+    parser.add_argument("--cam_dir", required=True, help="CAM experiment under experiments/predictions/")
+    add_dataset_args(parser)
+    parser.add_argument("--architecture", default="resnet50", help="AffinityNet backbone used in training")
+    parser.add_argument("--beta", type=int, default=RW_BETA)
+    parser.add_argument("--exp_times", type=int, default=RW_EXP_TIMES, help="walk length = 2^exp_times")
+    parser.add_argument("--radius", type=int, default=RW_RADIUS, help="transition radius (training used 10)")
+    parser.add_argument("--image_size", type=int, default=EDGE_MAP_MIN_SIZE,
+                        help="images are zero-padded to at least this size for the edge map")
+    parser.add_argument("--background", type=float, default=None, metavar="POWER",
+                        help="also propagate a background channel (1 - max cam)^POWER (original: none)")
+    parser.add_argument("--normalize", choices=("global", "per_class"), default="global",
+                        help="divide by one global max (original) or by each class's max")
+    parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
+    parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
+    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    parser.add_argument("--allow_pickle", action="store_true", help="read the original repository's .npy CAMs")
+    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    return parser.parse_args(argv)
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """The original's folder name, with a suffix for every non-original option."""
+    name = random_walk_name(args.model_name, args.domain, args.beta, args.exp_times)
+    if args.radius != RW_RADIUS:
+        name += f"@radius={args.radius}"
+    if args.background is not None:
+        name += f"@bg={args.background:g}"
+    if args.normalize != "global":
+        name += f"@norm={args.normalize}"
+    return name
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data = open_stage_data(args)
+    device = inference_device(args.device)
+    cam_dir = data.paths.predictions(args.cam_dir)
+    require_complete(cam_dir, data.ids, CAM_SUFFIX,
+                     f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ...")
+    model = AffinityNet(args.architecture)
+    load_weights(model, data.paths.model(args.model_name),
+                 f"python train_affinitynet.py --tag {args.model_name} --architecture {args.architecture} ...")
+    model.to(device).eval()
+    out_dir = data.paths.predictions(output_name(args))
+    ids = rank_shard(shard(data.ids, args.start, args.end))
+    todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}{CAM_SUFFIX}").exists()]
+    print(f"{len(ids) - len(todo)} of {len(ids)} random-walk files already exist in {out_dir}")
+    for image_id in tqdm(todo, desc="random walk", dynamic_ncols=True):
+        cams = load_prediction(prediction_file(cam_dir, image_id), args.allow_pickle)
+        image = data.reader.load_image(image_id)
+        with torch.no_grad():
+            edge = model.edge_map(normalize(image).to(device), min_size=args.image_size)
+            cam = torch.as_tensor(cams["cam"], dtype=torch.float32, device=device)
+            rw = random_walk(cam, edge, args.radius, args.beta, args.exp_times, args.background)
+            rw = F.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+            rw = normalize_rw(rw[:, : image.height, : image.width], args.normalize)
+        arrays = {"keys": cams["keys"], "rw": rw[-len(cam):].cpu().numpy()}
+        if args.background is not None:
+            arrays["rw_bg"] = rw[0].cpu().numpy()
+        save_npz(out_dir / f"{image_id}{CAM_SUFFIX}", **arrays)
+    print(f"Next: python make_pseudo_labels.py --experiment_name {output_name(args)} --domain {args.domain} "
+          f"{dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
