@@ -1,0 +1,84 @@
+"""Multi-scale, flip-averaged class activation maps in the original's artifact layout.
+
+For each scale the photo is resized (bicubic) so both sides are multiples of the patch size, the
+image and its horizontal flip run as one batch, and the per-class activations ``(2, K, h, w)``
+(background channel 0 included) are resized to the stride-4 size and to the full size and summed
+over scales and flips. Only the present classes are kept, each divided by its maximum.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from tools.transforms import normalize
+
+CAM_STRIDE = 4
+NORMALISE_EPSILON = 1e-5
+
+
+def strided_size(height: int, width: int, stride: int = CAM_STRIDE) -> tuple[int, int]:
+    """``(ceil(H / stride), ceil(W / stride))``."""
+    return (height - 1) // stride + 1, (width - 1) // stride + 1
+
+
+def strided_up_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    """``(H, W)`` rounded up to a multiple of ``multiple``."""
+    return ((height - 1) // multiple + 1) * multiple, ((width - 1) // multiple + 1) * multiple
+
+
+def scaled_size(height: int, width: int, scale: float, multiple: int) -> tuple[int, int]:
+    """The original's per-scale input size: ``ceil(round(side * s) / multiple) * multiple``.
+
+    A scale above 20 is an absolute square size, as in the original.
+    """
+    if scale > 20:
+        return int(scale), int(scale)
+    return (math.ceil(round(height * scale) / multiple) * multiple,
+            math.ceil(round(width * scale) / multiple) * multiple)
+
+
+@torch.no_grad()
+def multiscale_cams(
+    activations: Callable[[Tensor], Tensor],
+    image: Image.Image,
+    keys: np.ndarray,
+    scales: list[float],
+    patch_size: int,
+    device: torch.device,
+    exact_hr_cam: bool = False,
+) -> dict[str, np.ndarray]:
+    """``keys``, ``cam (n, ceil(H/4), ceil(W/4))`` and ``hr_cam (n, H, W)`` of one photo.
+
+    ``activations`` maps a normalised batch ``(2, 3, h', w')`` to non-negative class maps
+    ``(2, K, h, w)`` (SemFormer: ReLU(seg logits) weighted by the class-relevant attention).
+    ``keys`` are the present classes' ids (background 0 first). By default the full-resolution map
+    is resized to the size rounded up to a multiple of 16 and then cropped, as the original does
+    (a quirk that drops up to 15 px of content); ``exact_hr_cam`` resizes straight to ``(H, W)``.
+    """
+    width, height = image.size
+    small = strided_size(height, width)
+    large = (height, width) if exact_hr_cam else strided_up_size(height, width, 16)
+    cam = hr_cam = 0.0  # sums of the resized maps over scales and flips
+    for scale in scales:
+        size = scaled_size(height, width, scale, patch_size)
+        resized = image.resize((size[1], size[0]), Image.BICUBIC)
+        batch = normalize(resized).unsqueeze(0).to(device)
+        batch = torch.cat([batch, batch.flip(-1)])
+        maps = F.relu(activations(batch).float()[:, 1:])
+        maps = maps[0] + maps[1].flip(-1)
+        maps = maps.unsqueeze(0)
+        cam = cam + F.interpolate(maps, small, mode="bilinear", align_corners=False)[0]
+        hr_cam = hr_cam + F.interpolate(maps, large, mode="bilinear", align_corners=False)[0]
+    hr_cam = hr_cam[:, :height, :width]
+    present = torch.as_tensor(np.asarray(keys[1:]) - 1, device=device, dtype=torch.long)
+    cam, hr_cam = cam[present], hr_cam[present]
+    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
+    hr_cam = hr_cam / (hr_cam.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
+    return {"keys": np.asarray(keys, dtype=np.int64), "cam": cam.cpu().numpy().astype(np.float32),
+            "hr_cam": hr_cam.cpu().numpy().astype(np.float32)}

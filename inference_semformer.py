@@ -1,0 +1,93 @@
+"""Class activation maps of a trained SemFormer: multi-scale, flipped, weighted by class-relevant attention.
+
+    python inference_semformer.py --tag SemFormer@CAAE@DeiT-B-Dist --domain train_aug
+
+reads ``experiments/models/<tag>.pth`` and writes one ``.npz`` per image (``keys``, stride-4
+``cam``, full-resolution ``hr_cam``) to ``experiments/predictions/<tag>@train@scale=0.5,1.0,1.5,2.0/``.
+Finished files are skipped, so a killed run resumes where it stopped; ``--start/--end`` take a
+slice of the list and ``torchrun --nproc_per_node N`` splits it across GPUs.
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from core.cam import multiscale_cams
+from core.checkpoint import read_state_dict
+from core.semformer import SemFormerSegmentor, load_segmentor_weights
+from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, save_npz
+from tools.cli import (add_dataset_args, dataset_flags, inference_device, open_stage_data, rank_shard, run_main,
+                       shard)
+from tools.model_args import add_semformer_args, load_model_config, semformer_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tag", required=True, help="SemFormer model under experiments/models/")
+    add_dataset_args(parser)
+    add_semformer_args(parser)
+    parser.add_argument("--scales", default="0.5,1.0,1.5,2.0", help="comma-separated image scales")
+    parser.add_argument("--with_cra", type=lambda text: text.lower() in ("1", "true", "yes"), default=True,
+                        help="weight the activations by class-relevant attention (True/False)")
+    parser.add_argument("--cra_layers", type=int, default=4, help="last blocks whose attention forms the CRA")
+    parser.add_argument("--exact_hr_cam", action="store_true",
+                        help="resize hr_cam straight to the image size (the original stretches it to a "
+                             "multiple of 16 and crops, losing up to 15 px)")
+    parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
+    parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
+    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    return parser.parse_args(argv)
+
+
+def build_segmentor(args: argparse.Namespace, num_classes: int, model_path) -> SemFormerSegmentor:
+    """The trained segmentor, rebuilt from its saved config (or the flags) and loaded strictly."""
+    if not model_path.is_file():
+        raise ArtifactError(f"{model_path}: model file not found; train it first with:\n"
+                            f"  python train_semformer.py --tag {args.tag} --ae_tag <CAAE tag> ...")
+    config = load_model_config(model_path, "semformer", semformer_config(args))
+    segmentor = SemFormerSegmentor(num_classes, **config)
+    load_segmentor_weights(segmentor, read_state_dict(model_path), model_path)
+    return segmentor
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    data = open_stage_data(args)
+    device = inference_device(args.device)
+    scales = [float(scale) for scale in args.scales.split(",")]
+    segmentor = build_segmentor(args, data.descriptor.num_classes, data.paths.model(args.tag))
+    segmentor.to(device).eval()
+    patch_size = segmentor.backbone.patch_size
+    if args.with_cra and not 1 <= args.cra_layers <= segmentor.backbone.depth:
+        raise SystemExit(f"error: --cra_layers {args.cra_layers} must lie in 1..{segmentor.backbone.depth} "
+                         "(the backbone's depth)")
+
+    def activations(batch: torch.Tensor) -> torch.Tensor:
+        if not args.with_cra:
+            return F.relu(segmentor(batch))
+        seg_logits, cra = segmentor(batch, return_cra=True, cra_layers=args.cra_layers)
+        return F.relu(seg_logits) * cra
+
+    name = cam_experiment_name(args.tag, args.domain, scales)
+    out_dir = data.paths.predictions(name)
+    ids = rank_shard(shard(data.ids, args.start, args.end))
+    todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}{CAM_SUFFIX}").exists()]
+    print(f"{len(ids) - len(todo)} of {len(ids)} CAM files already exist in {out_dir}")
+    for image_id in tqdm(todo, desc="CAMs", dynamic_ncols=True):
+        image = data.reader.load_image(image_id)
+        label = data.reader.load_label(image_id)
+        keys = np.concatenate([[0], np.flatnonzero(label) + 1])
+        cams = multiscale_cams(activations, image, keys, scales, patch_size, device, args.exact_hr_cam)
+        save_npz(out_dir / f"{image_id}{CAM_SUFFIX}", **cams)
+    print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} {dataset_flags(args)}\n"
+          f"      python make_affinity_labels.py --experiment_name {name} --domain {args.domain} "
+          f"{dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,101 @@
+"""Architecture flags of the ViT models, and the small JSON that travels with each saved model.
+
+Training scripts write ``experiments/models/<tag>.json`` next to ``<tag>.pth`` with the keyword
+arguments that rebuild the model, so later stages (CAM inference, SemFormer's frozen CAAE) need no
+repeated architecture flags. A model without that file (for example one imported with
+``tools.import_original``) is rebuilt from the flags, whose defaults are the paper's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from core.backbone import CAAE_BACKBONE, SEMFORMER_BACKBONE
+from tools.artifacts import ArtifactError, atomic_write_text
+
+VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
+
+
+def _add_vit_args(parser: argparse.ArgumentParser, prefix: str, backbone: str, image_size: int) -> None:
+    group = parser.add_argument_group(f"{prefix or 'model'} architecture")
+    group.add_argument(f"--{prefix}backbone", default=backbone, help="timm ViT / DeiT name")
+    group.add_argument(f"--{prefix}image_size", type=int, default=image_size,
+                       help="training size; the patch position grid is resized to it")
+    for name in VIT_OVERRIDES:
+        group.add_argument(f"--{prefix}vit_{name}", type=int, default=None,
+                           help=f"override the timm model's {name} (tiny test / demo models)")
+    group.add_argument(f"--{prefix}pretrained", action="store_true",
+                       help="download timm's ImageNet weights (needs internet)")
+    group.add_argument(f"--{prefix}pretrained_path", default=None,
+                       help="local .pth / .safetensors ImageNet weights, for offline machines")
+
+
+def _vit_config(args: argparse.Namespace, prefix: str) -> dict:
+    overrides = {name: getattr(args, f"{prefix}vit_{name}") for name in VIT_OVERRIDES}
+    return {
+        "backbone_name": getattr(args, f"{prefix}backbone"),
+        "image_size": getattr(args, f"{prefix}image_size"),
+        "backbone_kwargs": {name: value for name, value in overrides.items() if value is not None},
+    }
+
+
+def add_semformer_args(parser: argparse.ArgumentParser) -> None:
+    """SemFormer segmentor flags (paper: DeiT-S at 448 px, class dim 256, token-wise dropout)."""
+    _add_vit_args(parser, "", SEMFORMER_BACKBONE, 448)
+    parser.add_argument("--class_dim", type=int, default=256)
+    parser.add_argument("--seg_dropout", choices=("token", "channel"), default="token",
+                        help="token: the original's Dropout2d on (B, N, D), which drops whole tokens")
+
+
+def semformer_config(args: argparse.Namespace) -> dict:
+    """``SemFormerSegmentor`` keyword arguments (without ``num_classes`` and weights)."""
+    return {**_vit_config(args, ""), "class_dim": args.class_dim, "seg_dropout": args.seg_dropout}
+
+
+def add_caae_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """CAAE flags (paper: DeiT-B distilled at 224 px, 8-block decoder of width 768)."""
+    _add_vit_args(parser, prefix, CAAE_BACKBONE, 224)
+    parser.add_argument(f"--{prefix}decoder_width", type=int, default=768)
+    parser.add_argument(f"--{prefix}decoder_depth", type=int, default=8)
+    parser.add_argument(f"--{prefix}decoder_heads", type=int, default=12)
+    parser.add_argument(f"--{prefix}reduction", choices=("sum", "mean"), default="sum")
+    if not prefix:
+        parser.add_argument("--class_dim", type=int, default=256)
+
+
+def caae_config(args: argparse.Namespace, prefix: str = "") -> dict:
+    """``CAAE`` keyword arguments (without ``num_classes`` and weights)."""
+    config = _vit_config(args, prefix)
+    for name in ("decoder_width", "decoder_depth", "decoder_heads", "reduction"):
+        config[name] = getattr(args, f"{prefix}{name}")
+    config["class_dim"] = args.class_dim
+    return config
+
+
+def pretrained_kwargs(args: argparse.Namespace, prefix: str = "") -> dict:
+    return {"pretrained": getattr(args, f"{prefix}pretrained"),
+            "pretrained_path": getattr(args, f"{prefix}pretrained_path")}
+
+
+def config_path(model_path: Path) -> Path:
+    return model_path.with_suffix(".json")
+
+
+def save_model_config(model_path: Path, kind: str, num_classes: int, config: dict) -> None:
+    """Write ``<tag>.json`` beside ``<tag>.pth``."""
+    content = {"kind": kind, "num_classes": num_classes, **config}
+    atomic_write_text(config_path(model_path), json.dumps(content, indent=2) + "\n")
+
+
+def load_model_config(model_path: Path, kind: str, fallback: dict) -> dict:
+    """The saved keyword arguments of a model, or ``fallback`` (the flags) if none were saved."""
+    path = config_path(model_path)
+    if not path.is_file():
+        return dict(fallback)
+    content = json.loads(path.read_text())
+    found = content.pop("kind", kind)
+    if found != kind:
+        raise ArtifactError(f"{path}: describes a '{found}' model, expected '{kind}'")
+    content.pop("num_classes", None)
+    return content
