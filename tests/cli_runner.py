@@ -1,0 +1,19 @@
+"""Runs the repository's scripts in a subprocess, as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | None = None) -> str:
+    """Run a repository script as a user would; fail with its output if it exits non-zero."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env=environment)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr

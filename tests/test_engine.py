@@ -1,0 +1,300 @@
+"""Training engine: optimiser groups and quirk, poly schedule, DDP, accumulation, AMP, selection, resume."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.engine_toy_train import ToyDataset, ToyNet, main as toy_main, toy_step
+from tools.artifacts import ExperimentPaths
+from tools.checkpoint import load_checkpoint
+from tools.distributed import DistContext
+from tools.engine import Trainer, TrainConfig
+from tools.loader import EpochSampler, SeededDataset, micro_batch_size, seed_everything
+from tools.optimizer import build_optimizer, build_poly_scheduler, parameter_groups
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = REPO / "tests" / "engine_toy_train.py"
+TAG = "toy"
+STEPS_PER_EPOCH, EPOCHS = 8, 3  # the helper's defaults: 64 samples, batch 8, 3 epochs
+SINGLE_CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+VOLATILE_LOG_FIELDS = ("time", "eta")
+
+
+def _names(group: dict, model: nn.Module) -> set[str]:
+    ids = {id(parameter) for parameter in group["params"]}
+    return {name for name, parameter in model.named_parameters() if id(parameter) in ids}
+
+
+def _run_helper(args: list[str], **popen: object) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(HELPER), *args], cwd=REPO, env=env, text=True, **popen)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 120) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+    return output
+
+
+def _log(root: Path) -> dict[str, list[dict]]:
+    content = json.loads(ExperimentPaths(root).json_log(TAG).read_text())
+    return {kind: [{name: value for name, value in entry.items() if name not in VOLATILE_LOG_FIELDS}
+                   for entry in entries] for kind, entries in content.items()}
+
+
+def _assert_same_tensors(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run of the helper (in process; dropout on, so RNG restoring matters)."""
+    root = tmp_path_factory.mktemp("reference")
+    result = toy_main(["--experiments_dir", str(root)])
+    assert not result.interrupted and result.global_step == STEPS_PER_EPOCH * EPOCHS
+    return root
+
+
+# ----------------------------------------------------------------------------- optimiser
+def test_four_parameter_groups_with_lr_and_weight_decay():
+    model = ToyNet()
+    groups = parameter_groups(model, lr=0.01, weight_decay=5e-4)
+    assert [_names(group, model) for group in groups] == [
+        {"backbone.0.weight", "backbone.1.weight"},
+        {"backbone.0.bias", "backbone.1.bias", "stage_scale"},
+        {"head.1.weight"},
+        {"head.1.bias", "class_token"},
+    ]
+    assert [group["lr"] for group in groups] == pytest.approx([0.01, 0.02, 0.1, 0.2])
+    assert [group["weight_decay"] for group in groups] == [5e-4, 0.0, 5e-4, 0.0]
+    single = parameter_groups(model, lr=0.1, weight_decay=1e-4, multipliers=False)
+    assert len(single) == 1 and (single[0]["lr"], single[0]["weight_decay"]) == (0.1, 1e-4)
+    assert _names(single[0], model) == {name for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("frozen") for name in _names(single[0], model))
+
+
+def test_momentum_slot_quirk_and_fixed_option():
+    model = ToyNet()
+    quirk = build_optimizer(parameter_groups(model, 0.01, 5e-4), 0.01, 5e-4)
+    assert all(group["momentum"] == 5e-4 and group["nesterov"] and group["dampening"] == 0
+               for group in quirk.param_groups)
+    assert [group["weight_decay"] for group in quirk.param_groups] == [5e-4, 0.0, 5e-4, 0.0]
+    fixed = build_optimizer(parameter_groups(model, 0.01, 5e-4), 0.01, 5e-4, momentum=0.9, nesterov=False)
+    assert all(group["momentum"] == 0.9 and not group["nesterov"] for group in fixed.param_groups)
+
+
+def test_quirk_update_is_nesterov_sgd_with_momentum_equal_to_weight_decay():
+    weight = nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = build_optimizer([{"params": [weight], "lr": 0.1, "weight_decay": 0.5}], 0.1, 0.5)
+    gradients = [torch.tensor([0.3, 0.1]), torch.tensor([-0.2, 0.4])]
+    expected, buffer = weight.detach().clone(), None
+    for gradient in gradients:
+        weight.grad = gradient.clone()
+        optimizer.step()
+        decayed = gradient + 0.5 * expected
+        buffer = decayed if buffer is None else 0.5 * buffer + decayed
+        expected = expected - 0.1 * (decayed + 0.5 * buffer)
+    assert torch.allclose(weight.detach(), expected)
+
+
+def test_poly_schedule_values():
+    model = ToyNet()
+    optimizer = build_optimizer(parameter_groups(model, 0.01, 5e-4), 0.01, 5e-4)
+    max_step = 10
+    scheduler = build_poly_scheduler(optimizer, max_step)
+    seen = {}
+    for step in range(max_step):
+        seen[step] = [group["lr"] for group in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+    for step in (0, 1, 5, 9):
+        factor = (1 - step / max_step) ** 0.9
+        assert seen[step] == pytest.approx([0.01 * factor, 0.02 * factor, 0.1 * factor, 0.2 * factor])
+
+
+# ----------------------------------------------------------------------------- data order
+def test_batch_split_and_sample_order():
+    assert micro_batch_size(64, 2, 4) == 8
+    with pytest.raises(ValueError, match="--batch_size 8 .* not divisible"):
+        micro_batch_size(8, 3, 1)
+    dataset = ToyDataset(20)
+    whole = list(_sampler(dataset, 0, 1, 8))
+    per_rank = [list(_sampler(dataset, rank, 2, 4)) for rank in range(2)]
+    for step in range(2):  # every step's global batch is the same set of samples
+        ranks = per_rank[0][step * 4:(step + 1) * 4] + per_rank[1][step * 4:(step + 1) * 4]
+        assert sorted(ranks) == sorted(whole[step * 8:(step + 1) * 8])
+    resumed = _sampler(dataset, 0, 1, 8)
+    resumed.set_epoch(0, start_step=1)
+    assert list(resumed) == whole[8:16]
+
+
+def _sampler(dataset, rank: int, world_size: int, samples_per_step: int) -> EpochSampler:
+    sampler = EpochSampler(dataset, rank, world_size, seed=0, samples_per_step=samples_per_step, steps_per_epoch=2)
+    sampler.set_epoch(0)
+    return sampler
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    seeded = SeededDataset(ToyDataset(6), seed=3)
+    first = seeded[4][0]
+    seed_everything(123)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    assert torch.equal(seeded[4][0], first)  # whatever was drawn before
+    # the caller's RNGs are left untouched (num_workers=0 must not shift dropout or other draws)
+    assert torch.equal(torch.get_rng_state(), states[0]) and random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2])
+    seeded.set_epoch(1)
+    assert not torch.equal(seeded[4][0], first)
+
+
+# ----------------------------------------------------------------------------- one step
+def _one_step(tmp_path: Path, name: str, *flags: str) -> dict:
+    toy_main(["--experiments_dir", str(tmp_path / name), "--samples", "16", "--batch_size", "16",
+              "--max_epoch", "1", "--dropout", "0", "--select_by", "last", "--dump", str(tmp_path / name), *flags])
+    return torch.load(f"{tmp_path / name}.rank0.pt", weights_only=True)
+
+
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    whole = _one_step(tmp_path, "whole")
+    accumulated = _one_step(tmp_path, "accumulated", "--accum_steps", "2")
+    for kind in ("grads", "params"):
+        for name, value in whole[kind].items():
+            assert torch.allclose(accumulated[kind][name], value, atol=1e-6), (kind, name)
+    initial = ToyNet().state_dict()
+    assert not torch.equal(whole["params"]["head.1.weight"], initial["head.1.weight"])
+
+
+def test_bf16_autocast_on_cpu_runs_a_step(tmp_path):
+    full = _one_step(tmp_path, "full", "--amp", "off")
+    mixed = _one_step(tmp_path, "mixed", "--amp", "bf16")
+    loss = _log(tmp_path / "mixed")["train"][0]["loss"]
+    assert loss == loss and 0 < loss < 10
+    assert all(torch.isfinite(value).all() for value in mixed["params"].values())
+    difference = (mixed["grads"]["head.1.weight"] - full["grads"]["head.1.weight"]).abs().max()
+    assert 0 < difference < 0.05  # bf16 forward: close to, not equal to, float32
+
+
+def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+    single = _one_step(tmp_path, "single")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dump = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(port), str(HELPER), "--experiments_dir", str(dump),
+               "--samples", "16", "--batch_size", "16", "--max_epoch", "1", "--dropout", "0",
+               "--select_by", "last", "--accum_steps", "2", "--dump", str(dump)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    ranks = [torch.load(f"{dump}.rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for kind in ("grads", "params"):
+        for name, value in single[kind].items():
+            for rank in ranks:
+                assert torch.allclose(rank[kind][name], value, atol=1e-6), (kind, name)
+    assert _log(dump)["train"][0]["loss"] == pytest.approx(_log(tmp_path / "single")["train"][0]["loss"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- model selection
+@pytest.mark.parametrize("select_by, saved_epoch", [("gt", 1), ("last", 2)])
+def test_select_by_keeps_best_or_last_apart_from_checkpoint(tmp_path, select_by, saved_epoch):
+    scores = [0.5, 0.9, 0.7]
+    snapshots: list[dict] = []
+
+    def evaluate(model: nn.Module) -> dict:
+        assert not model.training
+        snapshots.append({name: value.clone() for name, value in model.state_dict().items()})
+        return {"score": scores[len(snapshots) - 1], "threshold": 0.2}
+
+    config = TrainConfig(tag=TAG, max_epoch=3, batch_size=8, lr=0.1, weight_decay=1e-4, select_by=select_by,
+                         experiments_dir=str(tmp_path))
+    model = ToyNet()
+    optimizer = build_optimizer(parameter_groups(model, 0.1, 1e-4), 0.1, 1e-4)
+    result = Trainer(config, SINGLE_CPU, model, optimizer, ToyDataset(16), toy_step, evaluate=evaluate,
+                     export_state=lambda module: {"head.1.weight": module.head[1].weight}).fit()
+    assert result.best_score == 0.9 and not result.interrupted
+    paths = ExperimentPaths(tmp_path)
+    best = load_checkpoint(paths.model(TAG))
+    assert list(best) == ["head.1.weight"]
+    assert torch.equal(best["head.1.weight"], snapshots[saved_epoch]["head.1.weight"])
+    last = load_checkpoint(paths.checkpoint(TAG))
+    assert (last["epoch"], last["global_step"], last["best_score"]) == (3, 6, 0.9)
+    _assert_same_tensors(last["model"], snapshots[2])
+    validation = json.loads(paths.json_log(TAG).read_text())["validation"]
+    assert [(entry["score"], entry["best_score"], entry["threshold"]) for entry in validation] == [
+        (0.5, 0.5, 0.2), (0.9, 0.9, 0.2), (0.7, 0.9, 0.2)]
+    assert not list(paths.root.rglob("*.tmp"))
+
+
+def test_gt_selection_needs_an_evaluation(tmp_path):
+    config = TrainConfig(tag=TAG, max_epoch=1, batch_size=8, lr=0.1, weight_decay=1e-4,
+                         experiments_dir=str(tmp_path))
+    model = ToyNet()
+    with pytest.raises(ValueError, match="--select_by last"):
+        Trainer(config, SINGLE_CPU, model, build_optimizer(parameter_groups(model, 0.1, 0), 0.1, 0),
+                ToyDataset(8), toy_step)
+
+
+# ----------------------------------------------------------------------------- resume
+def test_sigterm_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path, reference):
+    root = tmp_path / "interrupted"
+    process = _run_helper(["--experiments_dir", str(root), "--step_delay", "0.2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "iteration=10," in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + _finish(process)
+    assert "Continue with the same command plus --resume" in output
+    checkpoint = load_checkpoint(ExperimentPaths(root).checkpoint(TAG))
+    assert 10 <= checkpoint["global_step"] < STEPS_PER_EPOCH * EPOCHS
+    assert checkpoint["step_in_epoch"] == checkpoint["global_step"] - STEPS_PER_EPOCH * checkpoint["epoch"] > 0
+
+    _finish(_run_helper(["--experiments_dir", str(root), "--resume", "--num_workers", "2"],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    assert _log(root) == _log(reference)
+    paths, reference_paths = ExperimentPaths(root), ExperimentPaths(reference)
+    _assert_same_tensors(load_checkpoint(paths.model(TAG)), load_checkpoint(reference_paths.model(TAG)))
+    _assert_same_tensors(load_checkpoint(paths.checkpoint(TAG))["model"],
+                         load_checkpoint(reference_paths.checkpoint(TAG))["model"])
+
+
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, reference):
+    root = tmp_path / "killed"
+    process = _run_helper(["--experiments_dir", str(root), "--die_during_save", "2"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    paths = ExperimentPaths(root)
+    assert list(paths.checkpoint(TAG).parent.glob(f".{paths.checkpoint(TAG).name}.*.tmp"))  # the torn write
+    checkpoint = load_checkpoint(paths.checkpoint(TAG))  # still the complete epoch-1 checkpoint
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["global_step"]) == (1, 0, STEPS_PER_EPOCH)
+
+    _finish(_run_helper(["--experiments_dir", str(root), "--resume"],
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    assert _log(root) == _log(reference)
+    _assert_same_tensors(load_checkpoint(paths.model(TAG)), load_checkpoint(ExperimentPaths(reference).model(TAG)))
+
+
+def test_resume_refuses_changed_settings(tmp_path, reference):
+    root = tmp_path / "changed"
+    (root / "models").mkdir(parents=True)
+    checkpoint = ExperimentPaths(reference).checkpoint(TAG)
+    (root / "models" / checkpoint.name).write_bytes(checkpoint.read_bytes())
+    with pytest.raises(ValueError, match="batch_size: 8 -> 16"):
+        toy_main(["--experiments_dir", str(root), "--resume", "--batch_size", "16"])

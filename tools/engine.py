@@ -1,0 +1,536 @@
+"""The training loop every stage shares (CAAE, SemFormer, AffinityNet, DeepLab).
+
+A script supplies the model, its training dataset, the optimiser (``tools.optimizer``) and callables:
+
+- ``step_fn(model, batch) -> {"loss": Tensor, <name>: Tensor, ...}``: forward and loss of one
+  micro-batch (already on the device), run under autocast; every returned scalar is logged;
+- ``evaluate(model) -> {"score": float, ...}`` (optional): checkpoint selection, called after each
+  epoch on rank 0 with the unwrapped model in eval mode under ``torch.no_grad`` (other ranks wait);
+- ``export_state(model) -> state dict`` (optional): what the next stage loads from
+  ``ExperimentPaths.model(tag)`` (default ``model.state_dict()``; SemFormer drops its frozen AE).
+
+The ``Trainer`` does the rest: DDP under torchrun, poly lr decay, mixed precision, gradient
+accumulation, logs, best/last model selection and full checkpoints for ``--resume`` (written every
+epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). Sketch of a script::
+
+    parser = argparse.ArgumentParser()
+    add_dataset_args(parser)                     # tools.cli: --dataset ... --experiments_dir
+    add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
+                    tag="SemFormer@DeiT-S")
+    config = TrainConfig.from_args(args := parser.parse_args())
+    context = init_distributed()
+    seed_everything(config.seed)                 # identical initial weights on every rank
+    model = build_model(...)
+    groups = parameter_groups(model, config.lr, config.weight_decay)
+    optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+    Trainer(config, context, model, optimizer, dataset, step_fn, evaluate=evaluate,
+            script_args=vars(args)).fit()
+    destroy_distributed()
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, Dataset
+
+from tools.artifacts import ArtifactError, ExperimentPaths
+from tools.checkpoint import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
+                              restore_rng_state, save_checkpoint)
+from tools.distributed import DistContext, any_rank, gather_to_all, mean_over_ranks
+from tools.loader import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
+                          seed_everything)
+from tools.logger import TrainingLogger, format_duration
+from tools.optimizer import build_poly_scheduler
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+SELECT_CHOICES = ("gt", "last")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CHECKPOINT_FORMAT = 1
+# Settings a resumed run must share with its checkpoint: they fix the sample order and the schedule
+# (the optimiser's lr / weight decay / momentum come back from the checkpoint, so changing them would be
+# silently ignored).
+RESUME_INVARIANTS = ("tag", "max_epoch", "batch_size", "lr", "weight_decay", "momentum", "nesterov", "seed")
+
+StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
+EvaluateFn = Callable[[nn.Module], Mapping[str, Any]]
+ExportFn = Callable[[nn.Module], Mapping[str, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class TrainConfig:
+    """Engine settings; ``batch_size`` is the global batch (all ranks and accumulation steps together)."""
+
+    tag: str
+    max_epoch: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    momentum: float | None = None
+    nesterov: bool = True
+    accum_steps: int = 1
+    amp: str = "auto"
+    num_workers: int = 0
+    seed: int = 0
+    print_ratio: float = 0.1
+    select_by: str = "gt"
+    experiments_dir: str = "experiments"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.tag:
+            raise ValueError("--tag must not be empty: it names the model, logs and checkpoint")
+        if self.max_epoch < 1 or self.batch_size < 1:
+            raise ValueError(f"--max_epoch and --batch_size must be >= 1, got {self.max_epoch}, {self.batch_size}")
+        if self.amp not in AMP_CHOICES:
+            raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.select_by not in SELECT_CHOICES:
+            raise ValueError(f"--select_by must be one of {SELECT_CHOICES}, got {self.select_by!r}")
+        if not 0.0 < self.print_ratio <= 1.0:
+            raise ValueError(f"--print_ratio must be in (0, 1], got {self.print_ratio}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
+        """From the flags of ``add_engine_args`` plus ``--experiments_dir`` (``tools.cli.add_dataset_args``)."""
+        return cls(
+            tag=args.tag, max_epoch=args.max_epoch, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.wd, momentum=args.momentum, nesterov=args.nesterov,
+            accum_steps=args.accum_steps, amp=args.amp, num_workers=args.num_workers, seed=args.seed,
+            print_ratio=args.print_ratio, select_by=args.select_by,
+            experiments_dir=str(args.experiments_dir), resume=args.resume,
+        )
+
+    @property
+    def paths(self) -> ExperimentPaths:
+        return ExperimentPaths(Path(self.experiments_dir))
+
+
+def parse_bool(text: str) -> bool:
+    """``--nesterov True`` as in the original's ``str2bool``."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def add_engine_args(
+    parser: argparse.ArgumentParser, *, batch_size: int, max_epoch: int, lr: float, wd: float,
+    num_workers: int, tag: str | None = None, select_by: str = "gt",
+) -> None:
+    """The shared training flags, with the original's names; each script passes its paper defaults.
+
+    ``--experiments_dir`` is not added here: it comes with ``tools.cli.add_dataset_args``.
+    """
+    group = parser.add_argument_group("training engine")
+    group.add_argument("--tag", default=tag, required=tag is None,
+                       help="experiment name: models/<tag>.pth, logs/<tag>.*, tensorboards/<tag>/")
+    group.add_argument("--batch_size", type=int, default=batch_size,
+                       help="global batch over all processes and accumulation steps")
+    group.add_argument("--max_epoch", type=int, default=max_epoch)
+    group.add_argument("--lr", type=float, default=lr, help="base lr (x1/2/10/20 per parameter group)")
+    group.add_argument("--wd", type=float, default=wd, help="weight decay")
+    group.add_argument("--momentum", type=float, default=None,
+                       help="SGD momentum; default: the original's quirk, momentum = --wd (0.9 = the fix)")
+    group.add_argument("--nesterov", type=parse_bool, default=True)
+    group.add_argument("--accum_steps", type=int, default=1,
+                       help="split each global batch into this many micro-batches per process")
+    group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                       help="mixed precision; auto = bf16 on CUDA, off on CPU")
+    group.add_argument("--num_workers", type=int, default=num_workers)
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--print_ratio", type=float, default=0.1, help="log every this fraction of an epoch")
+    group.add_argument("--select_by", choices=SELECT_CHOICES, default=select_by,
+                       help="gt: keep the model with the best evaluation score; last: the final epoch's")
+    group.add_argument("--resume", action="store_true",
+                       help="continue the run from models/<tag>.last.pth (same flags otherwise)")
+
+
+# ----------------------------------------------------------------------------- small helpers
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``--amp`` on ``device`` (None = full precision)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        return torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def move_to_device(batch: Any, device: torch.device) -> Any:
+    """Tensors of a (nested) tuple / list / dict batch moved to ``device``; other items unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to_device(item, device) for item in batch)
+    if isinstance(batch, dict):
+        return {name: move_to_device(item, device) for name, item in batch.items()}
+    return batch
+
+
+def _scalar_outputs(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if "loss" not in outputs:
+        raise KeyError(f"step_fn must return a dict with a 'loss' entry, got keys {sorted(outputs)}")
+    for name, value in outputs.items():
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise ValueError(f"step_fn output '{name}' must be a scalar tensor, got {type(value).__name__}"
+                             f"{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+    return dict(outputs)
+
+
+def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    if "score" not in metrics:
+        raise KeyError(f"evaluate must return a dict with a 'score' entry, got keys {sorted(metrics)}")
+    return {name: value.tolist() if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) else value
+            for name, value in metrics.items()}
+
+
+class _IntervalMeter:
+    """Sums of the step values since the last log line (checkpointed, so a resumed interval is exact)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: total / self.count for name, total in self.sums.items()}
+
+    def reset(self) -> None:
+        self.sums, self.count = {}, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sums, self.count = dict(state["sums"]), state["count"]
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Where ``fit`` ended: ``interrupted`` when a signal stopped it (a checkpoint was saved)."""
+
+    global_step: int
+    epochs_done: int
+    best_score: float | None
+    interrupted: bool
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    """Train ``model`` on ``dataset`` with ``optimizer`` for ``config.max_epoch`` epochs.
+
+    ``model`` may be on the CPU (it is moved to ``context.device``; optimiser parameter references stay
+    valid). Iterations per epoch = ``len(dataset) // batch_size`` (drop_last), as the original.
+    ``logger`` lets a script keep a handle for ``add_image`` in its ``evaluate``;
+    ``script_args`` (e.g. ``vars(args)``) is stored in the checkpoint for the record;
+    ``find_unused_parameters`` is passed to DDP (needed when trainable parameters get no gradient,
+    e.g. CAAE's ``dist_token``).
+    """
+
+    def __init__(
+        self, config: TrainConfig, context: DistContext, model: nn.Module, optimizer: Optimizer,
+        dataset: Dataset, step_fn: StepFn, *, evaluate: EvaluateFn | None = None,
+        export_state: ExportFn | None = None, collate_fn: Callable | None = None,
+        logger: TrainingLogger | None = None, script_args: Mapping[str, Any] | None = None,
+        find_unused_parameters: bool = False,
+    ) -> None:
+        if evaluate is None and config.select_by == "gt":
+            raise ValueError("--select_by gt needs an evaluation; this script has none, use --select_by last")
+        self.config, self.context, self.paths = config, context, config.paths
+        self.step_fn, self.evaluate = step_fn, evaluate
+        self.export_state = export_state or (lambda module: module.state_dict())
+        self.script_args = plain_values(script_args or {})
+
+        self.dataset_size = len(dataset)
+        self.steps_per_epoch = self.dataset_size // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {self.dataset_size} samples, fewer than --batch_size "
+                             f"{config.batch_size}")
+        self.max_step = self.steps_per_epoch * config.max_epoch
+        self.log_interval = max(1, int(self.steps_per_epoch * config.print_ratio))
+        self.micro_batch = micro_batch_size(config.batch_size, context.world_size, config.accum_steps)
+
+        self.amp_dtype = resolve_amp(config.amp, context.device)
+        self.module = model.to(context.device)
+        self.model: nn.Module = self.module
+        if context.is_distributed:
+            device_ids = [context.device.index] if context.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.module, device_ids=device_ids,
+                                                 find_unused_parameters=find_unused_parameters)
+        self.optimizer = optimizer
+        self.scheduler = build_poly_scheduler(optimizer, self.max_step)
+        self.scaler = torch.amp.GradScaler(context.device.type, enabled=self.amp_dtype == torch.float16)
+
+        self.dataset = SeededDataset(dataset, config.seed)
+        self.sampler = EpochSampler(self.dataset, context.rank, context.world_size, config.seed,
+                                    self.micro_batch * config.accum_steps, self.steps_per_epoch)
+        self.loader = DataLoader(
+            self.dataset, batch_size=self.micro_batch, sampler=self.sampler, num_workers=config.num_workers,
+            collate_fn=collate_fn, pin_memory=context.device.type == "cuda", drop_last=True,
+            worker_init_fn=ignore_interrupts_in_worker,
+            # A private generator: creating an epoch's iterator must not draw from the global torch RNG.
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        self.logger = logger or TrainingLogger(self.paths, config.tag, enabled=context.is_main)
+
+        self.epoch = 0           # completed epochs
+        self.step_in_epoch = 0   # optimiser steps taken in the current epoch
+        self.global_step = 0
+        self.best_score: float | None = None
+        self._interval = _IntervalMeter()
+        self._last_lr = optimizer.param_groups[0]["lr"]
+        self._interval_start = time.monotonic()
+        self._stop_signal: str | None = None
+        self._notes: list[str] = []
+        self._resumed_history: dict[str, list[dict[str, Any]]] | None = None
+        seed_everything(config.seed + context.rank)
+        if config.resume:
+            self._load_checkpoint()
+
+    # ------------------------------------------------------------------ public
+    def autocast(self) -> AbstractContextManager:
+        """The training autocast context (``evaluate`` may use it too)."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.context.device.type, dtype=self.amp_dtype)
+
+    def fit(self) -> FitResult:
+        """Train to ``max_epoch``, or until SIGINT/SIGTERM (then save a checkpoint and return)."""
+        self.logger.start(self.global_step, self.max_step, self._resumed_history)
+        self._log_header()
+        self.module.train()
+        self._interval_start = time.monotonic()
+        try:
+            with self._stop_on_signals():
+                while self.epoch < self.config.max_epoch:
+                    stopped = self._train_epoch()
+                    if stopped:
+                        self._save_checkpoint()
+                    else:
+                        self._finish_epoch()
+                        stopped = any_rank(self._stop_signal is not None, self.context)
+                    if stopped:
+                        self._log_stop()
+                        return self._result(interrupted=True)
+            best = "n/a" if self.best_score is None else f"{self.best_score:.6g}"
+            self.logger.info(f"Finished {self.config.tag}: {self.global_step} iterations, best score {best}, "
+                             f"model {self.paths.model(self.config.tag)}")
+            return self._result(interrupted=False)
+        finally:
+            self.logger.close()
+
+    # ------------------------------------------------------------------ one epoch
+    def _train_epoch(self) -> bool:
+        """Optimiser steps to the end of the epoch; True if a stop signal ended it early."""
+        self.dataset.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, self.step_in_epoch)
+        batches = iter(self.loader)
+        while self.step_in_epoch < self.steps_per_epoch:
+            values = self._optimizer_step(batches)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            self._interval.add(values)
+            self.logger.advance(self.global_step, {"loss": values["loss"]})
+            if self.global_step % self.log_interval == 0:
+                self._log_interval()
+            if any_rank(self._stop_signal is not None, self.context):
+                return True
+        return False
+
+    def _optimizer_step(self, batches: Iterator[Any]) -> dict[str, float]:
+        """Forward/backward over ``accum_steps`` micro-batches, one optimiser and scheduler step.
+        Returns each output's mean over the micro-batches (of this rank)."""
+        accum_steps = self.config.accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        for micro_step in range(accum_steps):
+            batch = move_to_device(next(batches), self.context.device)
+            synchronise = micro_step == accum_steps - 1
+            with self._gradient_sync(synchronise):
+                with self.autocast():
+                    outputs = _scalar_outputs(self.step_fn(self.model, batch))
+                self.scaler.scale(outputs["loss"] / accum_steps).backward()
+            for name, value in outputs.items():
+                totals[name] = totals.get(name, 0.0) + value.detach().float().reshape(()) / accum_steps
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        names = list(totals)
+        return dict(zip(names, torch.stack([totals[name] for name in names]).tolist()))
+
+    def _gradient_sync(self, synchronise: bool) -> AbstractContextManager:
+        """DDP all-reduces gradients only on the last micro-batch of a step."""
+        if synchronise or not self.context.is_distributed:
+            return nullcontext()
+        return self.model.no_sync()
+
+    def _finish_epoch(self) -> None:
+        """Evaluate, keep the selected model, write the full checkpoint."""
+        metrics = self._run_evaluation()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.context.is_main:
+            self._select_model(metrics)
+        self._save_checkpoint()
+
+    def _run_evaluation(self) -> dict[str, Any] | None:
+        if self.evaluate is None:
+            return None
+        metrics = None
+        if self.context.is_main:
+            self.module.eval()
+            with torch.no_grad():
+                metrics = _plain_metrics(self.evaluate(self.module))
+            self.module.train()
+        self.context.barrier()
+        return metrics
+
+    def _select_model(self, metrics: dict[str, Any] | None) -> None:
+        """select_by gt: save when the score improves (the original); last: save every epoch."""
+        score = None if metrics is None else float(metrics["score"])
+        improved = score is not None and (self.best_score is None or score > self.best_score)
+        if improved:
+            self.best_score = score
+        if metrics is not None:
+            self.logger.log_validation({"iteration": self.global_step, "epoch": self.epoch, **metrics,
+                                        "best_score": self.best_score})
+        if improved or self.config.select_by == "last":
+            path = self.paths.model(self.config.tag)
+            save_checkpoint(self.export_state(self.module), path)
+            self.logger.info(f"saved model of epoch {self.epoch} to {path}")
+
+    # ------------------------------------------------------------------ logging
+    def _log_header(self) -> None:
+        config, context = self.config, self.context
+        momentum = self.optimizer.param_groups[0]["momentum"]
+        self.logger.info(
+            f"{'Resumed' if config.resume else 'Started'} {config.tag} at iteration {self.global_step}: "
+            f"{self.dataset_size} samples, {self.steps_per_epoch} iterations/epoch x {config.max_epoch} epochs "
+            f"= {self.max_step}; global batch {config.batch_size} = {context.world_size} process(es) x "
+            f"{config.accum_steps} accumulation step(s) x {self.micro_batch}; lr {config.lr}, "
+            f"weight decay {config.weight_decay}, momentum {momentum}, nesterov {config.nesterov}, "
+            f"amp {self.amp_dtype or 'off'}, device {context.device}"
+        )
+        for note in self._notes:
+            self.logger.info(note)
+
+    def _log_interval(self) -> None:
+        means = mean_over_ranks(self._interval.means(), self.context)
+        elapsed = time.monotonic() - self._interval_start
+        eta = elapsed / self._interval.count * (self.max_step - self.global_step)
+        self.logger.log_train({"iteration": self.global_step, "epoch": self.epoch + 1,
+                               "learning_rate": self._last_lr, **means,
+                               "time": round(elapsed, 3), "eta": format_duration(eta)})
+        self._interval.reset()
+        self._interval_start = time.monotonic()
+
+    def _log_stop(self) -> None:
+        self.logger.info(
+            f"Stopped by {self._stop_signal or 'a signal on another rank'} at iteration {self.global_step} "
+            f"(epoch {self.epoch + 1}, step {self.step_in_epoch}/{self.steps_per_epoch}); checkpoint "
+            f"{self.paths.checkpoint(self.config.tag)}. Continue with the same command plus --resume."
+        )
+
+    def _result(self, interrupted: bool) -> FitResult:
+        return FitResult(self.global_step, self.epoch, self.best_score, interrupted)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self) -> None:
+        """Every rank's RNG state is gathered; rank 0 writes ``ExperimentPaths.checkpoint(tag)``."""
+        rng_states = gather_to_all(capture_rng_state(), self.context)
+        if not self.context.is_main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "dataset_size": self.dataset_size,
+            "best_score": self.best_score,
+            "interval": self._interval.state_dict(),
+            "log_history": self.logger.history,
+            "rng": rng_states,
+            "config": plain_values(asdict(self.config)),
+            "script_args": self.script_args,
+        }
+        save_checkpoint(state, self.paths.checkpoint(self.config.tag))
+
+    def _load_checkpoint(self) -> None:
+        path = self.paths.checkpoint(self.config.tag)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no checkpoint to resume from; start the run without --resume")
+        state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ArtifactError(f"{path}: not a training checkpoint of this engine (format {state.get('format')})")
+        changed = config_mismatches(state["config"], plain_values(asdict(self.config)), RESUME_INVARIANTS)
+        if state["dataset_size"] != self.dataset_size:
+            changed.append(f"training samples: {state['dataset_size']} -> {self.dataset_size}")
+        if changed:
+            raise ArtifactError(f"{path}: --resume needs the checkpoint's settings, but these changed: "
+                             f"{'; '.join(changed)}. Use the original values, or a new --tag for a new run")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_score = state["global_step"], state["best_score"]
+        self._interval.load_state_dict(state["interval"])
+        self._resumed_history = state["log_history"]
+        rng_states = state["rng"]
+        if len(rng_states) == self.context.world_size:
+            restore_rng_state(rng_states[self.context.rank])
+        else:
+            seed_everything(self.config.seed + self.context.rank + self.global_step)
+            self._notes.append(f"the checkpoint has {len(rng_states)} process RNG states for "
+                               f"{self.context.world_size} processes: RNGs reseeded, so random layers "
+                               "(dropout) differ from the uninterrupted run; data order is unchanged")
+
+    # ------------------------------------------------------------------ signals
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM set a flag checked after each optimiser step; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+
+        def request_stop(number: int, frame: object) -> None:
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(number).name
+            sys.stderr.write(f"\n{self._stop_signal}: stopping after the current step and saving a "
+                             "checkpoint (send again to stop at once)\n")
+
+        for number in STOP_SIGNALS:
+            signal.signal(number, request_stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
