@@ -1,0 +1,89 @@
+"""Train the class-aware autoencoder (CAAE) that SemFormer's class losses are measured with.
+
+    python train_caae.py --tag CAAE@DeiT-B-Dist                       # one GPU or CPU
+    torchrun --nproc_per_node 2 train_caae.py --tag CAAE@DeiT-B-Dist  # several GPUs
+
+Paper settings are the defaults: DeiT-B distilled at 224 px, batch 64, 200 epochs on train_aug,
+lr 0.025. The model with the best train mAP is saved to ``experiments/models/<tag>.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.data import DataLoader
+
+from core.caae import CAAE
+from core.losses import caae_loss
+from tools.cli import add_dataset_args, dataset_flags, open_stage_data, run_main
+from tools.dataset import CAMTestDataset, ClassificationDataset
+from tools.distributed import destroy_distributed, init_distributed
+from tools.engine import Trainer, TrainConfig, add_engine_args
+from tools.loader import seed_everything
+from tools.model_args import add_caae_args, caae_config, pretrained_kwargs, save_model_config
+from tools.optimizer import build_optimizer, parameter_groups
+from tools.train_eval import caae_selection_score
+from tools.transforms import caae_eval_transform, caae_train_transform
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(parser, domain="train_aug")
+    add_engine_args(parser, batch_size=64, max_epoch=200, lr=0.025, wd=5e-4, num_workers=16,
+                    tag="CAAE@DeiT-B-Dist")
+    add_caae_args(parser)
+    parser.add_argument("--augment", default="colorjitter,randomexpand",
+                        help="comma-separated subset of colorjitter,randomexpand")
+    parser.add_argument("--eval_domain", default="train", help="list with GT used for checkpoint selection")
+    parser.add_argument("--eval_batch_size", type=int, default=64)
+    parser.add_argument("--bce_weight", type=float, default=1.0)
+    parser.add_argument("--mse_weight", type=float, default=1.0)
+    parser.add_argument("--grad_checkpointing", action="store_true", help="trade compute for memory (timm)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = TrainConfig.from_args(args)
+    data = open_stage_data(args)
+    context = init_distributed()
+    try:
+        seed_everything(config.seed)
+        num_classes = data.descriptor.num_classes
+        model_config = caae_config(args)
+        model = CAAE(num_classes, **model_config, **pretrained_kwargs(args),
+                     grad_checkpointing=args.grad_checkpointing)
+        if context.is_main:
+            save_model_config(config.paths.model(config.tag), "caae", num_classes, model_config)
+        augment = set(filter(None, args.augment.split(",")))
+        transform = caae_train_transform(args.image_size, color_jitter="colorjitter" in augment,
+                                         expand=(1.0, 3.0) if "randomexpand" in augment else None)
+        dataset = ClassificationDataset(data.reader, data.ids, transform)
+        groups = parameter_groups(model, config.lr, config.weight_decay)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+
+        def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            images, labels = batch
+            labels = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
+            similarity, reconstruction = module(images, labels)
+            return caae_loss(similarity, reconstruction, labels, images, args.bce_weight, args.mse_weight)
+
+        eval_loader = None
+        if config.select_by == "gt":
+            eval_set = CAMTestDataset(data.reader, data.descriptor.read_ids(args.eval_domain),
+                                      caae_eval_transform(args.image_size))
+            eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=config.num_workers)
+
+        def evaluate(module: torch.nn.Module) -> dict:
+            return caae_selection_score(module, eval_loader, context.device)
+
+        result = Trainer(config, context, model, optimizer, dataset, step,
+                         evaluate=evaluate if eval_loader is not None else None, script_args=vars(args)).fit()
+    finally:
+        destroy_distributed()
+    if context.is_main and not result.interrupted:
+        print(f"Next: python train_semformer.py --ae_tag {config.tag} {dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,136 @@
+"""Train SemFormer: class tokens on a ViT, guided by a frozen CAAE (needs ``train_caae.py`` first).
+
+    python train_semformer.py --tag SemFormer@CAAE@DeiT-B-Dist --ae_tag CAAE@DeiT-B-Dist
+    torchrun --nproc_per_node 2 train_semformer.py --tag SemFormer@CAAE@DeiT-B-Dist --ae_tag CAAE@DeiT-B-Dist
+
+Paper settings are the defaults: DeiT-S, 448 px crops of images resized to a long side in
+[224, 896], batch 8, 20 epochs on train_aug, lr 0.005, loss weights 1/1/1/0.075/1. The model with
+the best train CAM mIoU is saved (without its CAAE) to ``experiments/models/<tag>.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch.utils.data import DataLoader
+
+from core.caae import CAAE
+from core.checkpoint import load_weights
+from core.losses import LossWeights, semformer_loss
+from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
+from tools.cli import add_dataset_args, dataset_flags, open_stage_data, run_main
+from tools.dataset import CAMTestDataset, ClassificationDataset
+from tools.distributed import destroy_distributed, init_distributed
+from tools.engine import Trainer, TrainConfig, add_engine_args
+from tools.loader import seed_everything
+from tools.logger import TrainingLogger
+from tools.model_args import (add_caae_args, add_semformer_args, caae_config, load_model_config,
+                              pretrained_kwargs, save_model_config, semformer_config)
+from tools.optimizer import build_optimizer, parameter_groups
+from tools.train_eval import semformer_selection_score
+from tools.transforms import IMAGENET_MEAN, IMAGENET_STD, semformer_eval_transform, semformer_train_transform
+
+OVERLAY_BATCHES = 3  # CAM overlays of the first evaluation batches go to TensorBoard, as in the original
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_args(parser, domain="train_aug")
+    add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
+                    tag="SemFormer@CAAE@DeiT-B-Dist")
+    add_semformer_args(parser)
+    parser.add_argument("--ae_tag", required=True, help="the CAAE under experiments/models/ (train_caae.py)")
+    add_caae_args(parser, prefix="ae_")
+    parser.add_argument("--min_image_size", type=int, default=224)
+    parser.add_argument("--max_image_size", type=int, default=896)
+    parser.add_argument("--augment", default="colorjitter", help="colorjitter or '' (the original ignores "
+                        "randomexpand for SemFormer)")
+    weights = parser.add_argument_group("loss weights (paper defaults)")
+    for name, value in vars(LossWeights()).items():
+        weights.add_argument(f"--{name}_weight", type=float, default=value)
+    parser.add_argument("--masked_suppression", action="store_true",
+                        help="fixed behaviour: activation suppression only over valid pixels and present "
+                             "classes (the original counts padding as background)")
+    parser.add_argument("--eval_domain", default="train", help="list with GT used for checkpoint selection")
+    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--grad_checkpointing", action="store_true", help="trade compute for memory (timm)")
+    return parser.parse_args(argv)
+
+
+def build_caae(args: argparse.Namespace, num_classes: int, paths) -> tuple[CAAE, int]:
+    """The frozen CAAE of ``--ae_tag`` and its input size, rebuilt from its saved config (or ``--ae_*``)."""
+    model_path = paths.model(args.ae_tag)
+    ae_config = load_model_config(model_path, "caae", caae_config(args, prefix="ae_"))
+    caae = CAAE(num_classes, **ae_config)
+    load_weights(caae, model_path, f"python train_caae.py --tag {args.ae_tag} {dataset_flags(args)}")
+    return caae, ae_config["image_size"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = TrainConfig.from_args(args)
+    data = open_stage_data(args)
+    context = init_distributed()
+    try:
+        seed_everything(config.seed)
+        num_classes = data.descriptor.num_classes
+        model_config = semformer_config(args)
+        segmentor = SemFormerSegmentor(num_classes, **model_config, **pretrained_kwargs(args),
+                                       grad_checkpointing=args.grad_checkpointing)
+        groups = parameter_groups(segmentor, config.lr, config.weight_decay)  # before the AE joins: never trained
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+        caae, ae_size = build_caae(args, num_classes, data.paths)
+        if caae.class_dim != args.class_dim:
+            raise SystemExit(f"error: --class_dim {args.class_dim} differs from the CAAE's {caae.class_dim}")
+        model = SemFormer(segmentor, caae)
+        if context.is_main:
+            save_model_config(config.paths.model(config.tag), "semformer", num_classes, model_config)
+        transform = semformer_train_transform(args.image_size, args.min_image_size, args.max_image_size,
+                                              color_jitter="colorjitter" in args.augment)
+        dataset = ClassificationDataset(data.reader, data.ids, transform)
+        loss_weights = LossWeights(**{name: getattr(args, f"{name}_weight") for name in vars(LossWeights())})
+
+        def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            images, labels, crop_boxes = batch
+            labels = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
+            ae_images, grad_masks = ae_inputs(images, crop_boxes, ae_size)
+            outputs = module(images, ae_images, labels, grad_masks)
+            return semformer_loss(outputs, labels, grad_masks, loss_weights, args.masked_suppression)
+
+        logger = TrainingLogger(config.paths, config.tag, enabled=context.is_main)
+        eval_loader = None
+        if config.select_by == "gt":
+            eval_set = CAMTestDataset(data.reader, data.descriptor.read_ids(args.eval_domain),
+                                      semformer_eval_transform(args.image_size))
+            eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=config.num_workers)
+
+        def log_overlays(index: int, images: torch.Tensor, cams: torch.Tensor) -> None:
+            if index < OVERLAY_BATCHES:
+                logger.add_image(f"CAM/batch{index}", cam_overlay(images[0], cams[0]))
+
+        def evaluate(module: torch.nn.Module) -> dict:
+            return semformer_selection_score(module.segmentor, eval_loader, num_classes, context.device,
+                                             on_batch=log_overlays)
+
+        result = Trainer(config, context, model, optimizer, dataset, step,
+                         evaluate=evaluate if eval_loader is not None else None,
+                         export_state=lambda module: module.segmentor_state_dict(),
+                         logger=logger, script_args=vars(args)).fit()
+    finally:
+        destroy_distributed()
+    if context.is_main and not result.interrupted:
+        print(f"Next: python inference_semformer.py --tag {config.tag} --domain train_aug {dataset_flags(args)}")
+
+
+def cam_overlay(image: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
+    """``(3, H, W)`` picture: the de-normalised image tinted red by the strongest CAM ``(K-1, h, w)``."""
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    picture = (image.cpu() * std + mean).clamp(0, 1)
+    heat = torch.nn.functional.interpolate(cams.max(0).values[None, None], size=picture.shape[-2:],
+                                           mode="bilinear", align_corners=False)[0, 0]
+    return (0.5 * picture + 0.5 * torch.stack([heat, torch.zeros_like(heat), 1 - heat])).clamp(0, 1)
+
+
+if __name__ == "__main__":
+    run_main(main)
