@@ -24,6 +24,7 @@ from tools.artifacts import (CAM_SUFFIX, load_prediction, prediction_file, rando
                              require_complete, save_npz)
 from tools.cli import (add_dataset_args, dataset_flags, inference_device, open_stage_data, rank_shard, run_main,
                        shard)
+from tools.model_args import load_model_config
 from tools.transforms import normalize
 
 
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model_name", required=True, help="AffinityNet tag under experiments/models/")
     parser.add_argument("--cam_dir", required=True, help="CAM experiment under experiments/predictions/")
     add_dataset_args(parser)
-    parser.add_argument("--architecture", default="resnet50", help="AffinityNet backbone used in training")
+    parser.add_argument("--architecture", default="resnet50",
+                        help="AffinityNet backbone, if experiments/models/<model_name>.json does not say")
     parser.add_argument("--beta", type=int, default=RW_BETA)
     parser.add_argument("--exp_times", type=int, default=RW_EXP_TIMES, help="walk length = 2^exp_times")
     parser.add_argument("--radius", type=int, default=RW_RADIUS, help="transition radius (training used 10)")
@@ -69,9 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     cam_dir = data.paths.predictions(args.cam_dir)
     require_complete(cam_dir, data.ids, CAM_SUFFIX,
                      f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ...")
-    model = AffinityNet(args.architecture)
-    load_weights(model, data.paths.model(args.model_name),
-                 f"python train_affinitynet.py --tag {args.model_name} --architecture {args.architecture} ...")
+    model_path = data.paths.model(args.model_name)
+    architecture = load_model_config(model_path, "affinitynet", {"backbone": args.architecture})["backbone"]
+    model = AffinityNet(architecture)
+    load_weights(model, model_path, f"python train_affinitynet.py --tag {args.model_name} ...")
     model.to(device).eval()
     out_dir = data.paths.predictions(output_name(args))
     ids = rank_shard(shard(data.ids, args.start, args.end))

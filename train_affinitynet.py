@@ -1,0 +1,92 @@
+"""Train AffinityNet's edge branch on the affinity labels of ``make_affinity_labels.py``.
+
+    python train_affinitynet.py --tag AffinityNet@SemFormer \
+        --label_name SemFormer@CAAE@DeiT-B-Dist@train@scale=0.5,1.0,1.5,2.0@aff_fg=0.11_bg=0.15
+
+Paper settings are the defaults: ResNet-50 (frozen, ImageNet weights via ``--pretrained`` or
+``--pretrained_path``), 512 px crops of images resized to a long side in [320, 640], pairs within
+radius 10 at stride 4, batch 32, 3 epochs on train_aug, lr 0.1. There is no evaluation: the last
+epoch's model is saved to ``experiments/models/<tag>.pth``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from core.affinitynet import AffinityNet, affinity_loss
+from core.random_walk import PathIndex, affinity_targets
+from tools.artifacts import PNG_SUFFIX, require_complete
+from tools.cli import add_dataset_args, dataset_flags, open_stage_data, run_main
+from tools.dataset import AffinityDataset
+from tools.distributed import destroy_distributed, init_distributed
+from tools.engine import Trainer, TrainConfig, add_engine_args
+from tools.loader import seed_everything
+from tools.model_args import save_model_config
+from tools.optimizer import build_optimizer, parameter_groups
+from tools.transforms import affinity_train_transform
+
+LABEL_STRIDE = 4
+TRAIN_RADIUS = 10
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label_name", required=True, help="affinity-label folder under experiments/predictions/")
+    add_dataset_args(parser, domain="train_aug")
+    add_engine_args(parser, batch_size=32, max_epoch=3, lr=0.1, wd=1e-4, num_workers=8, select_by="last")
+    parser.add_argument("--architecture", default="resnet50", choices=("resnet50", "resnet34", "resnet18"))
+    parser.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights (needs internet)")
+    parser.add_argument("--pretrained_path", default=None, help="local torchvision-layout ResNet .pth")
+    parser.add_argument("--image_size", type=int, default=512, help="crop size")
+    parser.add_argument("--min_image_size", type=int, default=320)
+    parser.add_argument("--max_image_size", type=int, default=640)
+    parser.add_argument("--radius", type=int, default=TRAIN_RADIUS, help="pair radius at stride 4")
+    parser.add_argument("--augment", default="colorjitter", help="colorjitter or ''")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = TrainConfig.from_args(args)
+    data = open_stage_data(args)
+    label_dir = data.paths.predictions(args.label_name)
+    require_complete(label_dir, data.ids, PNG_SUFFIX,
+                     f"python make_affinity_labels.py --domain {args.domain} {dataset_flags(args)} ...")
+    if args.image_size % LABEL_STRIDE:
+        raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of {LABEL_STRIDE}")
+    context = init_distributed()
+    try:
+        seed_everything(config.seed)
+        grid = args.image_size // LABEL_STRIDE
+        path_index = PathIndex(args.radius, (grid, grid))
+        pretrained = args.pretrained_path or args.pretrained
+        model = AffinityNet(args.architecture, pretrained, path_index)
+        if context.is_main:
+            save_model_config(config.paths.model(config.tag), "affinitynet", data.descriptor.num_classes,
+                              {"backbone": args.architecture})
+        transform = affinity_train_transform(args.image_size, args.min_image_size, args.max_image_size,
+                                             LABEL_STRIDE, color_jitter="colorjitter" in args.augment)
+        dataset = AffinityDataset(data.reader, data.ids, label_dir, transform)
+        groups = parameter_groups(model, config.lr, config.weight_decay, multipliers=False)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+        num_classes = data.descriptor.num_classes
+
+        def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+            images, labels = batch
+            targets = [affinity_targets(label, path_index, num_classes) for label in labels]
+            bg_pos, fg_pos, neg = (torch.stack(kind) for kind in zip(*targets))
+            network = getattr(module, "module", module)  # the model inside DDP: affinity() has no parameters
+            affinity = network.affinity(module(images))
+            return affinity_loss(affinity, bg_pos, fg_pos, neg)
+
+        result = Trainer(config, context, model, optimizer, dataset, step, script_args=vars(args)).fit()
+    finally:
+        destroy_distributed()
+    if context.is_main and not result.interrupted:
+        print(f"Next: python inference_rw.py --model_name {config.tag} --architecture {args.architecture} "
+              f"--cam_dir <CAM experiment> --domain {args.domain} {dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
