@@ -1,0 +1,97 @@
+"""CAAE, SemFormer and AffinityNet training through their real command lines on the synthetic set."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from core.caae import CAAE
+from core.losses import LossWeights, semformer_loss
+from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
+from tests.cli_runner import run_script
+from tools.artifacts import save_png
+from tools.dataset import ClassificationDataset, VOCReader
+from tools.descriptor import load_descriptor
+from tools.transforms import semformer_train_transform
+
+TINY_VIT = ["--backbone", "deit_small_patch16_224", "--vit_depth", "2", "--vit_embed_dim", "32",
+            "--vit_num_heads", "2"]
+TINY_CAAE = [*TINY_VIT, "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1",
+             "--decoder_heads", "2", "--class_dim", "16"]
+TINY_SEMFORMER = [*TINY_VIT, "--image_size", "64", "--min_image_size", "48", "--max_image_size", "96",
+                  "--class_dim", "16"]
+ENGINE = ["--batch_size", "4", "--max_epoch", "1", "--num_workers", "0"]
+
+
+def test_caae_then_semformer_train_save_and_log(synthetic_dataset, tmp_path):
+    flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path)]
+    output = run_script("train_caae.py", "--tag", "CAAE@tiny", *TINY_CAAE, *ENGINE, *flags)
+    assert "python train_semformer.py --ae_tag CAAE@tiny" in output
+    models = tmp_path / "models"
+    assert (models / "CAAE@tiny.pth").is_file() and (models / "CAAE@tiny.last.pth").is_file()
+    log = json.loads((tmp_path / "logs" / "CAAE@tiny.json").read_text())
+    assert log["train"] and 0.0 <= log["validation"][-1]["mAP"] <= 100.0
+
+    output = run_script("train_semformer.py", "--tag", "SemFormer@tiny", "--ae_tag", "CAAE@tiny",
+                        *TINY_SEMFORMER, *ENGINE, *flags)
+    assert "python inference_semformer.py --tag SemFormer@tiny" in output
+    state = torch.load(models / "SemFormer@tiny.pth", weights_only=True)
+    assert state and all(key.startswith("segmentor.") for key in state)  # the CAAE is not saved
+    log = json.loads((tmp_path / "logs" / "SemFormer@tiny.json").read_text())
+    entry = log["train"][-1]
+    assert {"loss", "seg_sim", "cls_fg", "cls_bg", "act_supp", "act_cplt"} <= set(entry)
+    assert 0.0 <= log["validation"][-1]["mIoU"] <= 100.0
+    assert any((tmp_path / "tensorboards" / "SemFormer@tiny").iterdir())
+
+
+def test_semformer_without_its_caae_names_the_missing_model(synthetic_dataset, tmp_path):
+    flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path)]
+    try:
+        run_script("train_semformer.py", "--tag", "S", "--ae_tag", "Nope", *TINY_SEMFORMER, *ENGINE, *flags)
+    except AssertionError as failure:
+        message = str(failure)
+    assert "Nope.pth: model file not found" in message and "python train_caae.py --tag Nope" in message
+
+
+def test_semformer_loss_falls_on_a_fixed_batch(synthetic_dataset):
+    torch.manual_seed(0)
+    descriptor = load_descriptor(synthetic_dataset)
+    dataset = ClassificationDataset(VOCReader(descriptor), descriptor.read_ids("train_aug")[:4],
+                                    semformer_train_transform(64, 48, 96))
+    images, labels, boxes = (torch.stack(items) for items in zip(*(dataset[i] for i in range(4))))
+    labels = torch.cat([torch.ones(4, 1), labels], dim=1)
+    tiny = dict(backbone_name="deit_small_patch16_224", backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
+    caae = CAAE(descriptor.num_classes, image_size=64, class_dim=16, decoder_width=32, decoder_depth=1,
+                decoder_heads=2, **tiny)
+    segmentor = SemFormerSegmentor(descriptor.num_classes, image_size=64, class_dim=16, dropout=0.0, **tiny)
+    model = SemFormer(segmentor, caae)
+    optimizer = torch.optim.SGD(segmentor.parameters(), lr=0.01, momentum=0.9)
+    ae_images, grad_masks = ae_inputs(images, boxes, 64)
+    losses = []
+    for _ in range(30):
+        loss = semformer_loss(model(images, ae_images, labels, grad_masks), labels, grad_masks, LossWeights())["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # the CAAE-based class terms of a random CAAE stay near 2; the rest of the loss must fall clearly
+    assert losses[-1] < losses[0] - 0.4 and np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5])
+
+
+def test_affinitynet_trains_on_affinity_labels(synthetic_dataset, tmp_path):
+    descriptor = load_descriptor(synthetic_dataset)
+    reader = VOCReader(descriptor)
+    ids = descriptor.read_ids("train")
+    label_dir = tmp_path / "predictions" / "CAM@aff"
+    for image_id in ids:  # the GT with its ignore band stands in for affinity labels
+        save_png(label_dir / f"{image_id}.png", reader.load_mask(image_id, required=True))
+    flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path), "--domain", "train"]
+    output = run_script("train_affinitynet.py", "--tag", "Aff@tiny", "--label_name", "CAM@aff",
+                        "--architecture", "resnet18", "--image_size", "96", "--min_image_size", "64",
+                        "--max_image_size", "96", "--batch_size", "2", "--max_epoch", "2", "--num_workers", "0",
+                        *flags)
+    assert "python inference_rw.py --model_name Aff@tiny --architecture resnet18" in output
+    log = json.loads((tmp_path / "logs" / "Aff@tiny.json").read_text())
+    assert all(np.isfinite(entry["loss"]) for entry in log["train"])
+    assert json.loads((tmp_path / "models" / "Aff@tiny.json").read_text())["backbone"] == "resnet18"
