@@ -20,7 +20,7 @@ from tqdm import tqdm
 from core.affinitynet import AffinityNet, EDGE_MAP_MIN_SIZE
 from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, normalize_rw, random_walk
 from core.checkpoint import load_weights
-from tools.artifacts import (CAM_SUFFIX, load_prediction, prediction_file, random_walk_name,
+from tools.artifacts import (CAM_SUFFIX, load_prediction, pending_ids, prediction_file, random_walk_name,
                              require_complete, save_npz)
 from tools.cli import (add_dataset_args, dataset_flags, inference_device, open_stage_data, rank_shard, run_main,
                        shard)
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     model.to(device).eval()
     out_dir = data.paths.predictions(output_name(args))
     ids = rank_shard(shard(data.ids, args.start, args.end))
-    todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}{CAM_SUFFIX}").exists()]
-    print(f"{len(ids) - len(todo)} of {len(ids)} random-walk files already exist in {out_dir}")
+    todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "random-walk files")
     for image_id in tqdm(todo, desc="random walk", dynamic_ncols=True):
         cams = load_prediction(prediction_file(cam_dir, image_id), args.allow_pickle)
         image = data.reader.load_image(image_id)

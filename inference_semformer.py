@@ -19,7 +19,7 @@ from tqdm import tqdm
 from core.cam import multiscale_cams
 from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
-from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, save_npz
+from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_npz
 from tools.cli import (add_dataset_args, dataset_flags, inference_device, open_stage_data, rank_shard, run_main,
                        shard)
 from tools.model_args import add_semformer_args, load_model_config, semformer_config
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     name = cam_experiment_name(args.tag, args.domain, scales)
     out_dir = data.paths.predictions(name)
     ids = rank_shard(shard(data.ids, args.start, args.end))
-    todo = ids if args.overwrite else [i for i in ids if not (out_dir / f"{i}{CAM_SUFFIX}").exists()]
-    print(f"{len(ids) - len(todo)} of {len(ids)} CAM files already exist in {out_dir}")
+    todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "CAM files")
     for image_id in tqdm(todo, desc="CAMs", dynamic_ncols=True):
         image = data.reader.load_image(image_id)
         label = data.reader.load_label(image_id)

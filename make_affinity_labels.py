@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, load_prediction, prediction_file,
-                             require_complete, save_png)
-from tools.cli import run_main, add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data
+from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, load_prediction, pending_ids,
+                             prediction_file, require_complete, save_png)
+from tools.cli import add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data, run_main
 from tools.dataset import VOCReader
 from tools.labels import AFFINITY_CRF_ITERATIONS, affinity_label
 from tools.parallel import parallel_map
@@ -41,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @dataclass(frozen=True)
 class Job:
     reader: VOCReader
-    cam_dir: object
-    out_dir: object
+    cam_dir: Path
+    out_dir: Path
     fg_threshold: float
     bg_threshold: float
     crf_iteration: int
@@ -71,8 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         name += "@swapped"
     out_dir = data.paths.predictions(name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = data.ids if args.overwrite else [i for i in data.ids if not (out_dir / f"{i}{PNG_SUFFIX}").exists()]
-    print(f"{len(data.ids) - len(todo)} of {len(data.ids)} affinity labels already exist in {out_dir}")
+    todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "affinity labels")
     job = Job(data.reader, cam_dir, out_dir, fg, bg, args.crf_iteration, args.allow_pickle)
     for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "affinity labels"):
         pass

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, load_prediction, prediction_file, pseudo_label_name,
-                             require_complete, save_png)
-from tools.cli import run_main, add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data
+from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, load_prediction, pending_ids, prediction_file,
+                             pseudo_label_name, require_complete, save_png)
+from tools.cli import add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data, run_main
 from tools.dataset import VOCReader
 from tools.labels import scores_to_label
 from tools.parallel import parallel_map
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     name = pseudo_label_name(args.experiment_name, args.crf_iteration)
     out_dir = data.paths.predictions(name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = data.ids if args.overwrite else [i for i in data.ids if not (out_dir / f"{i}{PNG_SUFFIX}").exists()]
-    print(f"{len(data.ids) - len(todo)} of {len(data.ids)} pseudo labels already exist in {out_dir}")
+    todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "pseudo labels")
     job = Job(data.reader, in_dir, out_dir, data.descriptor.palette, args.threshold, args.crf_iteration,
               args.allow_pickle)
     for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "pseudo labels"):

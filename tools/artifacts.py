@@ -177,20 +177,31 @@ def _to_numpy(value: object) -> np.ndarray:
     return np.asarray(value)
 
 
-def load_label_png(path: str | Path) -> np.ndarray:
-    """A PNG label map as ``(H, W)`` uint8 indices (palette or grayscale PNG)."""
+def load_label_png(path: str | Path, error: type[Exception] = ArtifactError, what: str = "label PNG") -> np.ndarray:
+    """A palette or grayscale PNG as ``(H, W)`` uint8 indices (never converted through RGB).
+
+    Problems raise ``error`` with a message naming the file and ``what`` it should have been.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"{path}: label PNG not found")
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
     try:
         with Image.open(path) as image:
             if image.mode not in ("P", "L"):
-                raise ArtifactError(f"{path}: expected a palette or grayscale PNG, got mode {image.mode}")
-            return np.asarray(image, dtype=np.uint8)
-    except ArtifactError:
+                raise error(f"{path}: {what} must be a palette or grayscale PNG, got mode {image.mode}")
+            return np.array(image, dtype=np.uint8)
+    except error:
         raise
-    except Exception as error:
-        raise ArtifactError(f"{path}: unreadable PNG ({error})") from error
+    except Exception as problem:
+        raise error(f"{path}: unreadable {what} ({problem})") from problem
+
+
+def pending_ids(directory: str | Path, ids: list[str], suffix: str, overwrite: bool, what: str) -> list[str]:
+    """The ids still to compute in ``directory`` (all with ``overwrite``); says how many are done."""
+    directory = Path(directory)
+    todo = list(ids) if overwrite else [i for i in ids if not (directory / f"{i}{suffix}").exists()]
+    print(f"{len(ids) - len(todo)} of {len(ids)} {what} already exist in {directory}")
+    return todo
 
 
 def missing_ids(directory: str | Path, ids: list[str], suffix: str) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from tools.artifacts import load_label_png
 from tools.descriptor import DatasetDescriptor, DatasetError
 
 
@@ -121,17 +122,8 @@ class VOCReader:
 
 
 def read_mask_png(path: str | Path) -> np.ndarray:
-    """Palette (or grayscale) PNG -> ``(H, W)`` uint8 indices, never converted through RGB."""
-    path = Path(path)
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
-                raise DatasetError(f"{path}: mask must be a palette or grayscale PNG, got mode {image.mode}")
-            return np.array(image, dtype=np.uint8)
-    except DatasetError:
-        raise
-    except Exception as error:
-        raise DatasetError(f"{path}: unreadable mask PNG ({error})") from error
+    """Palette (or grayscale) PNG mask -> ``(H, W)`` uint8 indices."""
+    return load_label_png(path, DatasetError, "mask PNG")
 
 
 def _xml_size(root: ElementTree.Element, path: Path) -> tuple[int, int]:
