@@ -5,13 +5,18 @@ these tests check the artifacts each script writes, resuming, and the errors on 
 """
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from core.affinitynet import AffinityNet
 from core.semformer import SemFormerSegmentor
-from tests.cli_runner import run_script
+from tests.cli_runner import REPO, run_script
 from tools.artifacts import load_label_png, load_prediction
 from tools.dataset import VOCReader
 from tools.descriptor import load_descriptor
@@ -60,23 +65,35 @@ def test_cam_files_have_the_artifact_layout(stage_inputs):
     assert "best: Th=" in report
 
 
-def test_interrupted_cam_inference_resumes_to_the_same_files(stage_inputs, tmp_path):
+def test_killed_cam_inference_reruns_to_the_same_files(stage_inputs, tmp_path):
     root, flags, descriptor = stage_inputs
-    partial_flags = [*flags[:3], str(tmp_path), *flags[4:]]
+    ids = descriptor.read_ids("train")
+    killed_flags = [*flags[:3], str(tmp_path), *flags[4:]]
     (tmp_path / "models").symlink_to(root / "models")
-    run_script(*cam_command(partial_flags, "--end", "0.5"))
-    written = sorted(p.name for p in (tmp_path / "predictions" / CAM).iterdir())
-    assert 0 < len(written) < len(descriptor.read_ids("train"))
-    output = run_script(*cam_command(partial_flags))
-    assert f"{len(written)} of {len(descriptor.read_ids('train'))} CAM files already exist" in output
+    out_dir = tmp_path / "predictions" / CAM
+    process = subprocess.Popen([sys.executable, *cam_command(killed_flags)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if out_dir.is_dir() and len(list(out_dir.glob("*.npz"))) >= 2:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    finished = len(list(out_dir.glob("*.npz")))
+    assert process.returncode == -signal.SIGKILL and 0 < finished < len(ids)
+
+    output = run_script(*cam_command(killed_flags))
+    assert f"{finished} of {len(ids)} CAM files already exist" in output
     reference = root / "predictions" / CAM
     if not reference.is_dir():
         run_script(*cam_command(flags))
-    for image_id in descriptor.read_ids("train"):
-        resumed = load_prediction(tmp_path / "predictions" / CAM / f"{image_id}.npz")
+    assert sorted(p.name for p in out_dir.glob("*.npz")) == sorted(f"{i}.npz" for i in ids)
+    for image_id in ids:
+        rerun = load_prediction(out_dir / f"{image_id}.npz")
         uninterrupted = load_prediction(reference / f"{image_id}.npz")
         for name in ("keys", "cam", "hr_cam"):
-            np.testing.assert_array_equal(resumed[name], uninterrupted[name])
+            np.testing.assert_array_equal(rerun[name], uninterrupted[name])
 
 
 def test_affinity_labels_random_walk_and_pseudo_labels(stage_inputs):
