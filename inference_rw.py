@@ -22,8 +22,8 @@ from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, normalize_rw, ran
 from core.checkpoint import load_weights
 from tools.artifacts import (CAM_SUFFIX, load_prediction, pending_ids, prediction_file, random_walk_name,
                              require_complete, save_npz)
-from tools.cli import (add_dataset_args, dataset_flags, inference_device, open_stage_data, rank_shard, run_main,
-                       shard)
+from tools.cli import (add_dataset_args, add_output_args, dataset_flags, inference_device, open_stage_data,
+                       rank_shard, run_main, shard)
 from tools.model_args import load_model_config
 from tools.transforms import normalize
 
@@ -46,9 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="divide by one global max (original) or by each class's max")
     parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
     parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
-    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
-    parser.add_argument("--allow_pickle", action="store_true", help="read the original repository's .npy CAMs")
     parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    add_output_args(parser)
     return parser.parse_args(argv)
 
 

@@ -20,8 +20,8 @@ from core.cam import multiscale_cams
 from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
 from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_npz
-from tools.cli import (add_dataset_args, dataset_flags, inference_device, open_stage_data, rank_shard, run_main,
-                       shard)
+from tools.cli import (add_dataset_args, add_output_args, dataset_flags, inference_device, open_stage_data,
+                       rank_shard, run_main, shard)
 from tools.model_args import add_semformer_args, load_model_config, semformer_config
 
 
@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "multiple of 16 and crops, losing up to 15 px)")
     parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
     parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
-    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
     parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    add_output_args(parser, reads_predictions=False)
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, load_prediction, pending_ids,
                              prediction_file, require_complete, save_png)
-from tools.cli import add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data, run_main
+from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
+                       run_main)
 from tools.dataset import VOCReader
 from tools.labels import AFFINITY_CRF_ITERATIONS, affinity_label
 from tools.parallel import parallel_map
@@ -33,9 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fixed behaviour: confident fg uses the higher threshold, confident bg the lower "
                              "(the original's 0.11 < 0.15 leaves no uncertain band before the CRF)")
     parser.add_argument("--crf_iteration", type=int, default=AFFINITY_CRF_ITERATIONS)
-    parser.add_argument("--allow_pickle", action="store_true", help="read the original repository's .npy CAMs")
-    parser.add_argument("--overwrite", action="store_true", help="rewrite labels that already exist")
     add_jobs_arg(parser)
+    add_output_args(parser)
     return parser.parse_args(argv)
 
 

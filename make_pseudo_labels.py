@@ -17,7 +17,8 @@ import numpy as np
 
 from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, load_prediction, pending_ids, prediction_file,
                              pseudo_label_name, require_complete, save_png)
-from tools.cli import add_dataset_args, add_jobs_arg, dataset_flags, open_stage_data, run_main
+from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
+                       run_main)
 from tools.dataset import VOCReader
 from tools.labels import scores_to_label
 from tools.parallel import parallel_map
@@ -31,9 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser)
     parser.add_argument("--threshold", type=float, default=PSEUDO_LABEL_THRESHOLD, help="background score")
     parser.add_argument("--crf_iteration", type=int, default=1)
-    parser.add_argument("--allow_pickle", action="store_true", help="read the original repository's .npy files")
-    parser.add_argument("--overwrite", action="store_true", help="rewrite labels that already exist")
     add_jobs_arg(parser)
+    add_output_args(parser)
     return parser.parse_args(argv)
 
 

@@ -30,6 +30,14 @@ def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> 
                        help="root of models/, logs/, tensorboards/, predictions/")
 
 
+def add_output_args(parser: argparse.ArgumentParser, reads_predictions: bool = True) -> None:
+    """``--overwrite`` (finished files are skipped otherwise) and ``--allow_pickle`` (legacy ``.npy`` inputs)."""
+    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    if reads_predictions:
+        parser.add_argument("--allow_pickle", action="store_true",
+                            help="read the original repository's pickled .npy files (only files you trust)")
+
+
 def add_jobs_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n_jobs", type=int, default=default_jobs(), help="worker processes (default: all cores)")
 

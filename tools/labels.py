@@ -27,7 +27,11 @@ def threshold_argmax(scores: np.ndarray, threshold: float | np.ndarray) -> np.nd
 
 
 def scores_to_label(
-    scores: np.ndarray, keys: np.ndarray, threshold: float | np.ndarray, image: np.ndarray | None = None, crf_iteration: int = 0
+    scores: np.ndarray,
+    keys: np.ndarray,
+    threshold: float | np.ndarray,
+    image: np.ndarray | None = None,
+    crf_iteration: int = 0,
 ) -> np.ndarray:
     """Class label map ``(H, W)`` uint8: threshold argmax, optional label CRF on the RGB ``image``, keys."""
     local = threshold_argmax(scores, threshold)
