@@ -12,6 +12,7 @@ factor from numpy.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ MASK_INTERPOLATION = v2.InterpolationMode.NEAREST_EXACT
 
 
 # ----------------------------------------------------------------------------- building blocks
-class _ResizeBase(v2.Transform):
+class _ResizeBase(v2.Transform, ABC):
     """Resizes images with ``interpolation`` and masks with centre-sampled nearest.
 
     Subclasses choose the output size in ``output_size``; an unchanged size returns the input as is.
@@ -41,8 +42,9 @@ class _ResizeBase(v2.Transform):
         super().__init__()
         self.interpolation = interpolation
 
+    @abstractmethod
     def output_size(self, height: int, width: int) -> tuple[int, int]:
-        raise NotImplementedError
+        """The ``(H, W)`` to resize an ``height x width`` input to."""
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
@@ -96,7 +98,7 @@ class RandomResizeLongSide(_ResizeBase):
         return round(height * scale), round(width * scale)
 
 
-class _CropOrPadBase(v2.Transform):
+class _CropOrPadBase(v2.Transform, ABC):
     """Cuts a ``size x size`` window that may reach past the image (tensor inputs only).
 
     Outside the image the window holds ``image_fill`` (images) or ``mask_fill`` (masks); XYXY boxes
@@ -108,9 +110,9 @@ class _CropOrPadBase(v2.Transform):
         self.size = _positive("crop size", size)
         self.image_fill, self.mask_fill = image_fill, mask_fill
 
+    @abstractmethod
     def placement(self, length: int) -> tuple[int, int]:
         """``(offset of the window in the image, offset of the image in the window)`` along one axis."""
-        raise NotImplementedError
 
     def check_inputs(self, flat_inputs: list[Any]) -> None:
         if any(isinstance(inpt, Image.Image) for inpt in flat_inputs):
