@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
                                              LABEL_STRIDE, color_jitter="colorjitter" in args.augment)
         dataset = AffinityDataset(data.reader, data.ids, label_dir, transform)
         groups = parameter_groups(model, config.lr, config.weight_decay, multipliers=False)
-        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
+                                    config.optimizer)
         num_classes = data.descriptor.num_classes
 
         def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:

@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
                                          expand=(1.0, 3.0) if "randomexpand" in augment else None)
         dataset = ClassificationDataset(data.reader, data.ids, transform)
         groups = parameter_groups(model, config.lr, config.weight_decay)
-        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
+                                    config.optimizer)
 
         def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
             images, labels = batch

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
         segmentor = SemFormerSegmentor(num_classes, **model_config, **pretrained_kwargs(args),
                                        grad_checkpointing=args.grad_checkpointing)
         groups = parameter_groups(segmentor, config.lr, config.weight_decay)  # before the AE joins: never trained
-        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
+                                    config.optimizer)
         caae, ae_size = build_caae(args, num_classes, data.paths)
         if caae.class_dim != args.class_dim:
             raise SystemExit(f"error: --class_dim {args.class_dim} differs from the CAAE's {caae.class_dim}")

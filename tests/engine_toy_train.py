@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> FitResult:
         model = ToyNet(args.dropout)
         dataset = ToyDataset(args.samples)
         groups = parameter_groups(model, config.lr, config.weight_decay)
-        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
+                                    config.optimizer)
         logger = TrainingLogger(config.paths, config.tag, enabled=context.is_main)
 
         def evaluate(module: nn.Module) -> dict[str, float]:

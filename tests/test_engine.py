@@ -239,6 +239,23 @@ def test_select_by_keeps_best_or_last_apart_from_checkpoint(tmp_path, select_by,
     assert not list(paths.root.rglob("*.tmp"))
 
 
+def test_max_iters_ends_in_a_partial_epoch_that_is_evaluated_and_saved(tmp_path):
+    evaluated_at: list[int] = []
+    config = TrainConfig(tag=TAG, max_epoch=None, max_iters=5, batch_size=8, lr=0.1, weight_decay=1e-4,
+                         select_by="last", experiments_dir=str(tmp_path))
+    model = ToyNet()
+    optimizer = build_optimizer(parameter_groups(model, 0.1, 1e-4), 0.1, 1e-4)
+    trainer = Trainer(config, SINGLE_CPU, model, optimizer, ToyDataset(16), toy_step,
+                      evaluate=lambda module: evaluated_at.append(trainer.global_step) or {"score": 0.0})
+    result = trainer.fit()
+    assert (result.global_step, result.epochs_done) == (5, 3)  # 2 steps per epoch: 2 + 2 + 1
+    assert evaluated_at == [2, 4, 5]
+    assert optimizer.param_groups[0]["lr"] == 0.0  # the poly schedule reached its end at max_iters
+    last = load_checkpoint(ExperimentPaths(tmp_path).checkpoint(TAG))
+    assert (last["epoch"], last["global_step"]) == (3, 5)
+    assert ExperimentPaths(tmp_path).model(TAG).is_file()
+
+
 def test_gt_selection_needs_an_evaluation(tmp_path):
     config = TrainConfig(tag=TAG, max_epoch=1, batch_size=8, lr=0.1, weight_decay=1e-4,
                          experiments_dir=str(tmp_path))
@@ -298,3 +315,32 @@ def test_resume_refuses_changed_settings(tmp_path, reference):
     (root / "models" / checkpoint.name).write_bytes(checkpoint.read_bytes())
     with pytest.raises(ValueError, match="batch_size: 8 -> 16"):
         toy_main(["--experiments_dir", str(root), "--resume", "--batch_size", "16"])
+    with pytest.raises(ValueError, match="optimizer: 'sgd' -> 'adamw'"):
+        toy_main(["--experiments_dir", str(root), "--resume", "--optimizer", "adamw"])
+
+
+def test_adamw_trains_and_resumes_exactly(tmp_path):
+    def run(root, stop_at: int | None = None, resume: bool = False):
+        config = TrainConfig(tag=TAG, max_epoch=3, batch_size=8, lr=0.01, weight_decay=1e-4, optimizer="adamw",
+                             select_by="last", experiments_dir=str(root), resume=resume)
+        seed_everything(0)
+        model = ToyNet()
+        optimizer = build_optimizer(parameter_groups(model, 0.01, 1e-4), 0.01, 1e-4, kind="adamw")
+        trainer = Trainer(config, SINGLE_CPU, model, optimizer, ToyDataset(32),
+                          lambda module, batch: step(module, batch))
+
+        def step(module, batch):
+            if trainer.global_step + 1 == stop_at:
+                trainer._stop_signal = "SIGTERM"  # what the signal handler sets
+            return toy_step(module, batch)
+
+        return trainer.fit()
+
+    assert not run(tmp_path / "whole").interrupted
+    assert "AdamW, lr 0.01" in ExperimentPaths(tmp_path / "whole").text_log(TAG).read_text()
+    assert run(tmp_path / "resumed", stop_at=6).interrupted
+    assert load_checkpoint(ExperimentPaths(tmp_path / "resumed").checkpoint(TAG))["global_step"] == 6
+    result = run(tmp_path / "resumed", resume=True)
+    assert not result.interrupted and result.global_step == 12
+    _assert_same_tensors(load_checkpoint(ExperimentPaths(tmp_path / "whole").model(TAG)),
+                         load_checkpoint(ExperimentPaths(tmp_path / "resumed").model(TAG)))

@@ -22,7 +22,8 @@ epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). S
     seed_everything(config.seed)                 # identical initial weights on every rank
     model = build_model(...)
     groups = parameter_groups(model, config.lr, config.weight_decay)
-    optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov)
+    optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
+                                config.optimizer)
     Trainer(config, context, model, optimizer, dataset, step_fn, evaluate=evaluate,
             script_args=vars(args)).fit()
     destroy_distributed()
@@ -53,7 +54,7 @@ from tools.distributed import DistContext, any_rank, gather_to_all, mean_over_ra
 from tools.loader import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
                           seed_everything)
 from tools.logger import TrainingLogger, format_duration
-from tools.optimizer import build_poly_scheduler
+from tools.optimizer import OPTIMIZERS, build_poly_scheduler
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 SELECT_CHOICES = ("gt", "last")
@@ -62,7 +63,8 @@ CHECKPOINT_FORMAT = 1
 # Settings a resumed run must share with its checkpoint: they fix the sample order and the schedule
 # (the optimiser's lr / weight decay / momentum come back from the checkpoint, so changing them would be
 # silently ignored).
-RESUME_INVARIANTS = ("tag", "max_epoch", "batch_size", "lr", "weight_decay", "momentum", "nesterov", "seed")
+RESUME_INVARIANTS = ("tag", "max_epoch", "max_iters", "batch_size", "optimizer", "lr", "weight_decay", "momentum",
+                     "nesterov", "seed")
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 EvaluateFn = Callable[[nn.Module], Mapping[str, Any]]
@@ -75,7 +77,7 @@ class TrainConfig:
     """Engine settings; ``batch_size`` is the global batch (all ranks and accumulation steps together)."""
 
     tag: str
-    max_epoch: int
+    max_epoch: int | None
     batch_size: int
     lr: float
     weight_decay: float
@@ -89,12 +91,18 @@ class TrainConfig:
     select_by: str = "gt"
     experiments_dir: str = "experiments"
     resume: bool = False
+    max_iters: int | None = None
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         if not self.tag:
             raise ValueError("--tag must not be empty: it names the model, logs and checkpoint")
-        if self.max_epoch < 1 or self.batch_size < 1:
-            raise ValueError(f"--max_epoch and --batch_size must be >= 1, got {self.max_epoch}, {self.batch_size}")
+        if (self.max_epoch is None) == (self.max_iters is None):
+            raise ValueError("give exactly one of max_epoch and max_iters")
+        for name in ("max_epoch", "max_iters", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be >= 1, got {value}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.select_by not in SELECT_CHOICES:
@@ -106,11 +114,12 @@ class TrainConfig:
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
         """From the flags of ``add_engine_args`` plus ``--experiments_dir`` (``tools.cli.add_dataset_args``)."""
         return cls(
-            tag=args.tag, max_epoch=args.max_epoch, batch_size=args.batch_size, lr=args.lr,
+            tag=args.tag, max_epoch=getattr(args, "max_epoch", None), batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.wd, momentum=args.momentum, nesterov=args.nesterov,
             accum_steps=args.accum_steps, amp=args.amp, num_workers=args.num_workers, seed=args.seed,
-            print_ratio=args.print_ratio, select_by=args.select_by,
+            print_ratio=args.print_ratio, select_by="last" if args.select_by == "last" else "gt",
             experiments_dir=str(args.experiments_dir), resume=args.resume,
+            max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer,
         )
 
     @property
@@ -129,11 +138,17 @@ def parse_bool(text: str) -> bool:
 
 
 def add_engine_args(
-    parser: argparse.ArgumentParser, *, batch_size: int, max_epoch: int, lr: float, wd: float,
-    num_workers: int, tag: str | None = None, select_by: str = "gt",
+    parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wd: float, num_workers: int,
+    max_epoch: int | None = None, max_iters: int | None = None, tag: str | None = None, select_by: str = "gt",
+    best_choice: str = "gt", momentum: float | None = None, nesterov: bool = True,
 ) -> None:
     """The shared training flags, with the original's names; each script passes its paper defaults.
 
+    A script trains for ``--max_epoch`` epochs or, if it passes ``max_iters`` instead, for
+    ``--max_iters`` optimiser steps (the last epoch may then be partial). ``momentum=None`` keeps the
+    original's momentum-slot quirk as the default. ``best_choice`` names the ``--select_by`` value
+    that keeps the best-scoring model (``gt`` where the score uses training ground truth, ``val`` for
+    the segmentation stage).
     ``--experiments_dir`` is not added here: it comes with ``tools.cli.add_dataset_args``.
     """
     group = parser.add_argument_group("training engine")
@@ -141,12 +156,20 @@ def add_engine_args(
                        help="experiment name: models/<tag>.pth, logs/<tag>.*, tensorboards/<tag>/")
     group.add_argument("--batch_size", type=int, default=batch_size,
                        help="global batch over all processes and accumulation steps")
-    group.add_argument("--max_epoch", type=int, default=max_epoch)
+    if (max_epoch is None) == (max_iters is None):
+        raise ValueError("add_engine_args needs exactly one of max_epoch and max_iters")
+    if max_iters is None:
+        group.add_argument("--max_epoch", type=int, default=max_epoch)
+    else:
+        group.add_argument("--max_iters", type=int, default=max_iters, help="optimiser steps in all")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                       help="sgd (the original's) or adamw (which ignores --momentum and --nesterov)")
     group.add_argument("--lr", type=float, default=lr, help="base lr (x1/2/10/20 per parameter group)")
     group.add_argument("--wd", type=float, default=wd, help="weight decay")
-    group.add_argument("--momentum", type=float, default=None,
-                       help="SGD momentum; default: the original's quirk, momentum = --wd (0.9 = the fix)")
-    group.add_argument("--nesterov", type=parse_bool, default=True)
+    group.add_argument("--momentum", type=float, default=momentum,
+                       help="SGD momentum" + ("; default: the original's quirk, momentum = --wd (0.9 = the fix)"
+                                              if momentum is None else ""))
+    group.add_argument("--nesterov", type=parse_bool, default=nesterov)
     group.add_argument("--accum_steps", type=int, default=1,
                        help="split each global batch into this many micro-batches per process")
     group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
@@ -154,8 +177,9 @@ def add_engine_args(
     group.add_argument("--num_workers", type=int, default=num_workers)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--print_ratio", type=float, default=0.1, help="log every this fraction of an epoch")
-    group.add_argument("--select_by", choices=SELECT_CHOICES, default=select_by,
-                       help="gt: keep the model with the best evaluation score; last: the final epoch's")
+    group.add_argument("--select_by", choices=(best_choice, "last"),
+                       default=best_choice if select_by == "gt" else "last",
+                       help=f"{best_choice}: keep the model with the best evaluation score; last: the final epoch's")
     group.add_argument("--resume", action="store_true",
                        help="continue the run from models/<tag>.last.pth (same flags otherwise)")
 
@@ -237,7 +261,7 @@ class FitResult:
 
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
-    """Train ``model`` on ``dataset`` with ``optimizer`` for ``config.max_epoch`` epochs.
+    """Train ``model`` on ``dataset`` with ``optimizer`` for ``config.max_iters`` steps or ``max_epoch`` epochs.
 
     ``model`` may be on the CPU (it is moved to ``context.device``; optimiser parameter references stay
     valid). Iterations per epoch = ``len(dataset) // batch_size`` (drop_last), as the original.
@@ -266,7 +290,8 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set has {self.dataset_size} samples, fewer than --batch_size "
                              f"{config.batch_size}")
-        self.max_step = self.steps_per_epoch * config.max_epoch
+        self.max_step = config.max_iters or self.steps_per_epoch * config.max_epoch
+        self.num_epochs = -(-self.max_step // self.steps_per_epoch)  # the last one may be partial
         self.log_interval = max(1, int(self.steps_per_epoch * config.print_ratio))
         self.micro_batch = micro_batch_size(config.batch_size, context.world_size, config.accum_steps)
 
@@ -315,14 +340,14 @@ class Trainer:
         return torch.autocast(device_type=self.context.device.type, dtype=self.amp_dtype)
 
     def fit(self) -> FitResult:
-        """Train to ``max_epoch``, or until SIGINT/SIGTERM (then save a checkpoint and return)."""
+        """Train ``max_step`` iterations, or until SIGINT/SIGTERM (then save a checkpoint and return)."""
         self.logger.start(self.global_step, self.max_step, self._resumed_history)
         self._log_header()
         self.module.train()
         self._interval_start = time.monotonic()
         try:
             with self._stop_on_signals():
-                while self.epoch < self.config.max_epoch:
+                while self.epoch < self.num_epochs:
                     stopped = self._train_epoch()
                     if stopped:
                         self._save_checkpoint()
@@ -341,11 +366,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def _train_epoch(self) -> bool:
-        """Optimiser steps to the end of the epoch; True if a stop signal ended it early."""
+        """Optimiser steps to the end of the epoch (or of training); True if a stop signal ended it early."""
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
         batches = iter(self.loader)
-        while self.step_in_epoch < self.steps_per_epoch:
+        while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.max_step:
             values = self._optimizer_step(batches)
             self.step_in_epoch += 1
             self.global_step += 1
@@ -423,13 +448,15 @@ class Trainer:
     # ------------------------------------------------------------------ logging
     def _log_header(self) -> None:
         config, context = self.config, self.context
-        momentum = self.optimizer.param_groups[0]["momentum"]
+        optimizer = type(self.optimizer).__name__
+        if "momentum" in self.optimizer.param_groups[0]:
+            optimizer += f" (momentum {self.optimizer.param_groups[0]['momentum']}, nesterov {config.nesterov})"
         self.logger.info(
             f"{'Resumed' if config.resume else 'Started'} {config.tag} at iteration {self.global_step}: "
-            f"{self.dataset_size} samples, {self.steps_per_epoch} iterations/epoch x {config.max_epoch} epochs "
-            f"= {self.max_step}; global batch {config.batch_size} = {context.world_size} process(es) x "
-            f"{config.accum_steps} accumulation step(s) x {self.micro_batch}; lr {config.lr}, "
-            f"weight decay {config.weight_decay}, momentum {momentum}, nesterov {config.nesterov}, "
+            f"{self.dataset_size} samples, {self.steps_per_epoch} iterations/epoch, {self.max_step} iterations "
+            f"({self.num_epochs} epochs); global batch {config.batch_size} = {context.world_size} process(es) x "
+            f"{config.accum_steps} accumulation step(s) x {self.micro_batch}; {optimizer}, lr {config.lr}, "
+            f"weight decay {config.weight_decay}, "
             f"amp {self.amp_dtype or 'off'}, device {context.device}"
         )
         for note in self._notes:

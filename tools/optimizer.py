@@ -1,4 +1,5 @@
-"""The original's optimiser: four parameter groups, SGD with its momentum-slot quirk, poly decay.
+"""The original's optimiser: four parameter groups, SGD with its momentum-slot quirk, poly decay
+(and AdamW as an option).
 
 METHOD.md part 1 section 6 and part 2 section 3 (``tools/ai/optim_utils.py``,
 ``core/abc_modules.py`` in the original).
@@ -6,9 +7,10 @@ METHOD.md part 1 section 6 and part 2 section 3 (``tools/ai/optim_utils.py``,
 from __future__ import annotations
 
 from torch import nn
-from torch.optim import SGD, Optimizer
+from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+OPTIMIZERS = ("sgd", "adamw")
 PRETRAINED_MARKERS = ("model", "stage", "backbone")
 WEIGHT_MARKER = "weight"
 POLY_POWER = 0.9
@@ -50,14 +52,20 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float, multiplie
 
 
 def build_optimizer(
-    groups: list[dict], lr: float, weight_decay: float, momentum: float | None = None, nesterov: bool = True
-) -> SGD:
-    """SGD over ``groups`` (each carries its own lr and weight_decay).
+    groups: list[dict], lr: float, weight_decay: float, momentum: float | None = None, nesterov: bool = True,
+    kind: str = "sgd",
+) -> Optimizer:
+    """SGD (the original) or AdamW over ``groups`` (each carries its own lr and weight_decay).
 
-    ``momentum=None`` reproduces the original, which called ``SGD(params, lr, weight_decay, ...)`` and so
-    put ``weight_decay`` in the momentum slot: effective momentum = ``weight_decay`` (5e-4 / 1e-4),
-    dampening 0, Nesterov. Pass ``momentum=0.9`` for the intended optimiser.
+    For SGD, ``momentum=None`` reproduces the original, which called ``SGD(params, lr, weight_decay, ...)``
+    and so put ``weight_decay`` in the momentum slot: effective momentum = ``weight_decay`` (5e-4 / 1e-4),
+    dampening 0, Nesterov. Pass ``momentum=0.9`` for the intended optimiser. AdamW (decoupled weight
+    decay, default betas) ignores ``momentum`` and ``nesterov``.
     """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {OPTIMIZERS}, got {kind!r}")
+    if kind == "adamw":
+        return AdamW(groups, lr=lr, weight_decay=weight_decay)
     effective_momentum = weight_decay if momentum is None else momentum
     if effective_momentum < 0:
         raise ValueError(f"--momentum must be >= 0, got {effective_momentum}")
