@@ -229,3 +229,37 @@ def semformer_loss(
     }
     loss = sum(getattr(weights, field.name) * terms[field.name] for field in fields(LossWeights))
     return {"loss": loss, **terms}
+
+
+# ----------------------------------------------------------------------------- segmentation stage
+SEGMENTATION_LOSSES = ("balanced_ce", "ce")
+
+
+def segmentation_loss(
+    logits: Tensor, labels: Tensor, kind: str = "balanced_ce", ignore_index: int = 255
+) -> dict[str, Tensor]:
+    """Cross-entropy of DeepLab logits ``(B, K, H, W)`` against labels ``(B, H, W)`` (``ignore_index`` skipped).
+
+    ``ce``: the mean over all labelled pixels. ``balanced_ce``: the mean of the background pixels'
+    mean CE and the foreground pixels' mean CE, so a batch that is mostly background does not drown
+    the objects; when a batch has only one of the two kinds, that kind's mean. A batch without any
+    labelled pixel gives 0 with zero gradient (PyTorch's mean CE would be NaN). Returns ``loss`` and
+    the two means ``bg_ce`` and ``fg_ce`` (0 when absent), all in float32.
+    """
+    if kind not in SEGMENTATION_LOSSES:
+        raise ValueError(f"--loss must be one of {SEGMENTATION_LOSSES}, got {kind!r}")
+    if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"logits (B, K, H, W) {tuple(logits.shape)} and labels (B, H, W) {tuple(labels.shape)} "
+                         "do not match")
+    pixel_loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+    background = labels == 0
+    foreground = (labels != 0) & (labels != ignore_index)
+    sums = torch.stack([pixel_loss[background].sum(), pixel_loss[foreground].sum()])
+    counts = torch.stack([background.sum(), foreground.sum()]).to(sums.dtype)
+    means = _safe_divide(sums, counts)
+    if kind == "ce":
+        loss = _safe_divide(sums.sum(), counts.sum())
+    else:
+        present = (counts > 0).to(sums.dtype)
+        loss = _safe_divide((means * present).sum(), present.sum())
+    return {"loss": loss, "bg_ce": means[0], "fg_ce": means[1]}

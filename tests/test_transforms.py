@@ -63,7 +63,7 @@ def test_every_builder_output_shape_and_dtype(size):
         "caae_eval": ((3, 224, 224), (224, 224)),
         "semformer_eval": ((3, 448, 448), (448, 448)),
         "affinity": ((3, 512, 512), (128, 128)),
-        "segmentation": ((3, 512, 512), (512, 512)),
+        "segmentation": ((3, 321, 321), (321, 321)),
     }
     outputs = {
         "caae_eval": T.caae_eval_transform()(image, mask),
@@ -142,7 +142,7 @@ def test_masks_follow_flip_and_crop_exactly(size):
     image, mask = labelled_image(*size, block=4)
     long_side = max(size)
     transforms = [
-        T.segmentation_train_transform(64, long_side, long_side),
+        T.segmentation_train_transform(64, scales=(1.0,)),
         T.affinity_train_transform(64, long_side, long_side, label_stride=1, color_jitter=False),
     ]
     torch.manual_seed(2)
@@ -160,7 +160,7 @@ def test_masks_stay_aligned_through_resizes(size):
     torch.manual_seed(3)
     for _ in range(4):
         for transform in (
-            T.segmentation_train_transform(256, 128, 512),
+            T.segmentation_train_transform(256, scales=(0.5, 1.0, 2.0)),
             T.affinity_train_transform(256, 128, 512, label_stride=1, color_jitter=False),
         ):
             image_out, mask_out = transform(image, mask)
@@ -173,7 +173,7 @@ def test_masks_stay_aligned_through_resizes(size):
 
 def test_flip_mirrors_image_and_mask_together():
     image, mask = labelled_image(32, 32, block=4)
-    transform = T.segmentation_train_transform(32, 32, 32)
+    transform = T.segmentation_train_transform(32, scales=(1.0,))
     torch.manual_seed(4)
     seen = set()
     for _ in range(20):
@@ -277,7 +277,7 @@ def test_seeded_runs_repeat_and_seeds_differ():
             T.caae_train_transform(64)(image),
             *T.semformer_train_transform(64, 48, 160)(image),
             *T.affinity_train_transform(64, 48, 160)(image, mask),
-            *T.segmentation_train_transform(64, 48, 160)(image, mask),
+            *T.segmentation_train_transform(64, (0.5, 1.5), "uniform")(image, mask),
         ]
 
     first, again, other = run(0), run(0), run(1)

@@ -1,19 +1,37 @@
 """Fully connected CRF (pydensecrf) refinement with the original's settings.
 
 ``crf_inference_label`` refines a hard label map (evaluation, affinity labels, pseudo labels);
-``crf_inference`` refines class probabilities (segmentation inference). pydensecrf is imported
-only when a CRF runs, so the rest of the pipeline works without it.
+``crf_inference`` refines class probabilities (segmentation inference), with the original's kernels
+or DeepLab's (``CRFKernels``). pydensecrf is imported only when a CRF runs, so the rest of the
+pipeline works without it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
 
 LABEL_GAUSSIAN_SXY, LABEL_GAUSSIAN_COMPAT = 3, 3
 LABEL_BILATERAL_SXY, LABEL_BILATERAL_SRGB, LABEL_BILATERAL_COMPAT = 50, 5, 10
-SOFTMAX_GAUSSIAN_SXY, SOFTMAX_GAUSSIAN_COMPAT = 3, 3
-SOFTMAX_BILATERAL_SXY, SOFTMAX_BILATERAL_SRGB, SOFTMAX_BILATERAL_COMPAT = 80, 13, 10
+
+
+@dataclass(frozen=True)
+class CRFKernels:
+    """Pairwise terms of the probability CRF: Gaussian (position) and bilateral (position + colour)."""
+
+    gaussian_sxy: float
+    gaussian_compat: float
+    bilateral_sxy: float
+    bilateral_srgb: float
+    bilateral_compat: float
+
+
+ORIGINAL_KERNELS = CRFKernels(gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80, bilateral_srgb=13,
+                              bilateral_compat=10)  # the original's inference_segmentation.py
+DEEPLAB_KERNELS = CRFKernels(gaussian_sxy=1, gaussian_compat=3, bilateral_sxy=67, bilateral_srgb=3,
+                             bilateral_compat=4)  # deeplab-pytorch's VOC test setting
+DEEPLAB_ITERATIONS = 10
 
 
 def _pydensecrf() -> tuple[ModuleType, ModuleType]:
@@ -65,7 +83,10 @@ def crf_inference_label(
     return np.argmax(q, axis=0)
 
 
-def crf_inference(image: np.ndarray, probs: np.ndarray, t: int = 10, scale_factor: float = 1) -> np.ndarray:
+def crf_inference(
+    image: np.ndarray, probs: np.ndarray, t: int = 10, scale_factor: float = 1,
+    kernels: CRFKernels = ORIGINAL_KERNELS,
+) -> np.ndarray:
     """Refine class probabilities ``(C, H, W)`` on their ``(H, W, 3)`` uint8 RGB photo.
 
     Returns the mean-field marginals Q ``(C, H, W)`` float32 after ``t`` iterations. ``scale_factor``
@@ -81,11 +102,36 @@ def crf_inference(image: np.ndarray, probs: np.ndarray, t: int = 10, scale_facto
     densecrf, utils = _pydensecrf()
     crf = densecrf.DenseCRF2D(width, height, n_labels)
     crf.setUnaryEnergy(np.ascontiguousarray(utils.unary_from_softmax(probs)))
-    crf.addPairwiseGaussian(sxy=SOFTMAX_GAUSSIAN_SXY / scale_factor, compat=SOFTMAX_GAUSSIAN_COMPAT)
+    crf.addPairwiseGaussian(sxy=kernels.gaussian_sxy / scale_factor, compat=kernels.gaussian_compat)
     crf.addPairwiseBilateral(
-        sxy=SOFTMAX_BILATERAL_SXY / scale_factor,
-        srgb=SOFTMAX_BILATERAL_SRGB,
+        sxy=kernels.bilateral_sxy / scale_factor,
+        srgb=kernels.bilateral_srgb,
         rgbim=image,
-        compat=SOFTMAX_BILATERAL_COMPAT,
+        compat=kernels.bilateral_compat,
     )
     return np.asarray(crf.inference(t), dtype=np.float32).reshape(n_labels, height, width)
+
+
+@dataclass(frozen=True)
+class CRFSetting:
+    """A named probability-CRF configuration: ``deeplab`` or ``<n>`` (the original's kernels, n iterations)."""
+
+    name: str
+    iterations: int
+    kernels: CRFKernels
+
+    def describe(self) -> str:
+        return f"dense CRF '{self.name}': {self.iterations} iterations, {self.kernels}"
+
+
+def parse_crf_setting(text: str) -> CRFSetting | None:
+    """``none`` (or ``0``) -> None; ``deeplab`` -> DeepLab's kernels, 10 iterations; ``<n>`` -> the
+    original's kernels with n iterations. Anything else is a ``ValueError``."""
+    text = text.strip().lower()
+    if text in ("none", "0"):
+        return None
+    if text == "deeplab":
+        return CRFSetting("deeplab", DEEPLAB_ITERATIONS, DEEPLAB_KERNELS)
+    if text.isdigit():
+        return CRFSetting(text, int(text), ORIGINAL_KERNELS)
+    raise ValueError(f"expected none, deeplab or a number of iterations, got {text!r}")

@@ -29,6 +29,9 @@ IGNORE_INDEX = 255
 COLOR_JITTER = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1}
 # Masks sample source pixel floor((i + 0.5) * scale), the centre rule of PIL NEAREST.
 MASK_INTERPOLATION = v2.InterpolationMode.NEAREST_EXACT
+SCALE_MODES = ("choice", "uniform")
+DEEPLAB_CROP_SIZE = 321
+DEEPLAB_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -80,6 +83,26 @@ class RandomExpand(_ResizeBase):
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         factor = float(torch.empty((), dtype=torch.float64).uniform_(*self.scales))
+        return max(1, int(factor * height)), max(1, int(factor * width))
+
+
+class RandomScale(_ResizeBase):
+    """Multiplies both sides by a random factor (bilinear image): one of ``scales`` with equal
+    probability (``mode="choice"``) or uniform in ``[min(scales), max(scales)]`` (``mode="uniform"``)."""
+
+    def __init__(self, scales: tuple[float, ...], mode: str = "choice") -> None:
+        super().__init__(v2.InterpolationMode.BILINEAR)
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"scales must be positive, got {scales}")
+        if mode not in SCALE_MODES:
+            raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {mode!r}")
+        self.scales, self.mode = tuple(float(scale) for scale in scales), mode
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        if self.mode == "choice":
+            factor = self.scales[int(torch.randint(len(self.scales), ()))]
+        else:
+            factor = float(torch.empty((), dtype=torch.float64).uniform_(min(self.scales), max(self.scales)))
         return max(1, int(factor * height)), max(1, int(factor * width))
 
 
@@ -303,10 +326,19 @@ def affinity_train_transform(
 
 
 def segmentation_train_transform(
-    crop_size: int = 512, min_size: int = 256, max_size: int = 1024
+    crop_size: int = DEEPLAB_CROP_SIZE, scales: tuple[float, ...] = DEEPLAB_SCALES, scale_mode: str = "choice"
 ) -> ImageMaskPipeline:
-    """DeepLab training: random long side, flip, normalise, random crop -> image, label ``(C, C)``."""
+    """DeepLab training: random scale, flip, normalise, random crop -> image ``(3, C, C)``, label ``(C, C)``.
+
+    Padding holds the mean colour (0 after normalisation) in the image and 255 in the label.
+    ``scale_mode="choice"`` draws one of ``scales`` (DeepLabV2: 0.5, 0.75, ..., 2.0); ``"uniform"``
+    draws from ``[min(scales), max(scales)]`` (DeepLabV1: U[0.5, 1.5]).
+    """
     return ImageMaskPipeline(
-        [RandomResizeLongSide(min_size, max_size), v2.RandomHorizontalFlip()]
-        + [*_normalization(), RandomCropOrPad(crop_size)]
+        [RandomScale(scales, scale_mode), v2.RandomHorizontalFlip(), *_normalization(), RandomCropOrPad(crop_size)]
     )
+
+
+def segmentation_eval_transform() -> ImageMaskPipeline:
+    """DeepLab validation during training: the whole image, normalised -> image ``(3, H, W)``, mask ``(H, W)``."""
+    return ImageMaskPipeline(_normalization())
