@@ -17,3 +17,13 @@ def run_script(*args: str, cwd: Path = REPO, timeout: float = 600, env: dict | N
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result.stdout + result.stderr
+
+
+def run_failing(*args: str, cwd: Path = REPO, timeout: float = 600) -> str:
+    """Run a script that must fail with a one-line error (no traceback); return its stderr."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env=environment)
+    assert result.returncode != 0, f"{' '.join(args)} succeeded:\n{result.stdout}"
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr

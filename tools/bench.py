@@ -1,8 +1,9 @@
-"""Training-step benchmark: iterations/s, images/s and peak memory of CAAE and SemFormer steps.
+"""Training-step benchmark: iterations/s, images/s and peak memory of CAAE, SemFormer and DeepLab steps.
 
     python -m tools.bench --config tiny                         # CPU here, GPU where there is one
     python -m tools.bench --config semformer-paper --steps 5    # DeiT-S 448 px, batch 8, with a DeiT-B CAAE
     python -m tools.bench --config caae-paper --amp bf16        # DeiT-B distilled 224 px, batch 64
+    python -m tools.bench --config deeplabv2-paper --amp off    # ResNet-101 DeepLabV2, 321 px, batch 10
 
 Random inputs, random weights (no download); one forward, backward and SGD step per iteration, the
 first ``--warmup`` iterations untimed. Peak memory is the CUDA allocator's peak on a GPU, else the
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from core.caae import CAAE
-from core.losses import LossWeights, caae_loss, semformer_loss
+from core.deeplab import DeepLab
+from core.losses import LossWeights, caae_loss, segmentation_loss, semformer_loss
 from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
 from tools.engine import resolve_amp
 from tools.optimizer import build_optimizer, parameter_groups
@@ -36,6 +38,7 @@ class BenchConfig:
     semformer_backbone: dict
     caae_backbone: dict
     caae_decoder: dict
+    deeplab: dict | None = None  # DeepLab keyword arguments (stage "deeplab")
 
 
 TINY_VIT = dict(backbone_name="deit_small_patch16_224", backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
@@ -47,11 +50,18 @@ CONFIGS = {
     "caae-paper": BenchConfig("caae", 64, 224, 224, {}, dict(backbone_name="deit_base_distilled_patch16_224"), {}),
     "caae-tiny": BenchConfig("caae", 16, 64, 64, {}, TINY_VIT,
                              dict(decoder_width=64, decoder_depth=1, decoder_heads=2, class_dim=32)),
+    "deeplabv2-paper": BenchConfig("deeplab", 10, 321, 0, {}, {}, {},
+                                   dict(architecture="deeplabv2", backbone="resnet101", bn="frozen")),
+    "deeplab-tiny": BenchConfig("deeplab", 8, 128, 0, {}, {}, {},
+                                dict(architecture="deeplabv2", backbone="resnet18", bn="train")),
 }
 
 
 def build(config: BenchConfig, grad_checkpointing: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(module to step, module whose parameters train)."""
+    if config.stage == "deeplab":
+        model = DeepLab(NUM_CLASSES, **config.deeplab)
+        return model, model
     caae = CAAE(NUM_CLASSES, image_size=config.ae_image_size, grad_checkpointing=grad_checkpointing,
                 **config.caae_backbone, **config.caae_decoder)
     if config.stage == "caae":
@@ -64,6 +74,9 @@ def build(config: BenchConfig, grad_checkpointing: bool) -> tuple[torch.nn.Modul
 
 def random_batch(config: BenchConfig, device: torch.device) -> tuple[torch.Tensor, ...]:
     images = torch.randn(config.batch_size, 3, config.image_size, config.image_size, device=device)
+    if config.stage == "deeplab":  # a label map of random classes with a few ignored pixels
+        masks = torch.randint(0, NUM_CLASSES, images.shape[:1] + images.shape[2:], device=device)
+        return images, masks.masked_fill(torch.rand(masks.shape, device=device) < 0.05, 255), None
     labels = (torch.rand(config.batch_size, NUM_CLASSES, device=device) < 0.15).float()
     labels[:, 0] = 1
     size = config.image_size
@@ -73,6 +86,10 @@ def random_batch(config: BenchConfig, device: torch.device) -> tuple[torch.Tenso
 
 def step_loss(config: BenchConfig, model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
     images, labels, boxes = batch
+    if config.stage == "deeplab":
+        logits = torch.nn.functional.interpolate(model(images), size=images.shape[-2:], mode="bilinear",
+                                                 align_corners=False)
+        return segmentation_loss(logits, labels)["loss"]
     if config.stage == "caae":
         similarity, reconstruction = model(images, labels)
         return caae_loss(similarity, reconstruction, labels, images)["loss"]

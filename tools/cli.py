@@ -60,6 +60,17 @@ def open_stage_data(args: argparse.Namespace) -> StageData:
     return StageData(descriptor, reader, ids, ExperimentPaths(Path(args.experiments_dir)))
 
 
+def parse_scales(text: str) -> tuple[float, ...]:
+    """argparse type of a comma-separated list of positive scales: ``'0.5,1.0'`` -> ``(0.5, 1.0)``."""
+    try:
+        scales = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not scales or min(scales) <= 0:
+        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
+    return scales
+
+
 def shard(ids: list[str], start: float, end: float) -> list[str]:
     """The ``[start, end)`` fraction of an id list, as the original's ``--start/--end``."""
     if not 0.0 <= start < end <= 1.0:

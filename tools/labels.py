@@ -1,4 +1,5 @@
-"""From per-class score maps to label maps: the background-threshold argmax and affinity labels.
+"""From per-class score maps to label maps: the background-threshold argmax, affinity labels and
+segmentation outputs.
 
 Score maps are CAMs (``hr_cam``) or random-walk results (``rw``) of the present classes only,
 ``(n, H, W)``; ``keys`` ``(n + 1,)`` maps local channel indices to dataset class ids, with the
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from tools.crf import crf_inference_label
+from pathlib import Path
+
+from tools.artifacts import save_png
+from tools.crf import CRFSetting, crf_inference, crf_inference_label
 
 AFFINITY_CRF_ITERATIONS = 10
 UNCERTAIN = 255
@@ -63,3 +67,20 @@ def affinity_label(
     label[fg == 0] = UNCERTAIN
     label[(fg == 0) & (bg == 0)] = 0
     return label
+
+
+def segmentation_label(probs: np.ndarray, image: np.ndarray | None = None, crf: CRFSetting | None = None) -> np.ndarray:
+    """Class label map ``(H, W)`` uint8 of probabilities ``(K, H, W)``: argmax, after a dense CRF on the
+    RGB ``image`` if ``crf`` is given."""
+    if crf is not None:
+        if image is None:
+            raise ValueError("the CRF needs the RGB image")
+        probs = crf_inference(image, probs, crf.iterations, kernels=crf.kernels)
+    return np.argmax(probs, axis=0).astype(np.uint8)
+
+
+def write_segmentation_png(
+    path: str | Path, probs: np.ndarray, image: np.ndarray | None, crf: CRFSetting | None, palette: np.ndarray
+) -> None:
+    """``segmentation_label`` written as a palette PNG (a picklable job for worker processes)."""
+    save_png(path, segmentation_label(probs, image, crf), palette)

@@ -1,8 +1,10 @@
-"""Per-image jobs on all cores with a progress bar (CRF passes, label writing, evaluation)."""
+"""Per-image jobs on all cores: a mapped list with a progress bar (CRF passes, label writing, evaluation)
+and background jobs fed by a producer (segmentation CRFs behind the model)."""
 from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
@@ -40,3 +42,46 @@ def parallel_map(
         if pool is not None:
             pool.terminate()
             pool.join()
+
+
+class BackgroundJobs:
+    """Runs ``function(*args)`` on ``n_jobs`` worker processes while the caller prepares more work.
+
+    Used where a model produces per-image work for the CPU (dense CRFs): at most ``max_pending`` jobs
+    wait at once, so memory stays bounded; the first failure is re-raised by ``submit`` or on exit.
+    Workers come from a ``forkserver``, never a fork of a process that may hold CUDA state.
+    ``n_jobs <= 1`` runs every job at once in this process. Use it as a context manager.
+    """
+
+    def __init__(self, n_jobs: int, max_pending: int | None = None) -> None:
+        self.n_jobs = n_jobs
+        self.max_pending = max_pending or 2 * n_jobs
+        self._executor: ProcessPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def __enter__(self) -> BackgroundJobs:
+        if self.n_jobs > 1:
+            self._executor = ProcessPoolExecutor(self.n_jobs, mp_context=multiprocessing.get_context("forkserver"))
+        return self
+
+    def submit(self, function: Callable[..., object], *args: object) -> None:
+        if self._executor is None:
+            function(*args)
+            return
+        self._pending.append(self._executor.submit(function, *args))
+        while len(self._pending) >= self.max_pending:
+            self._collect(wait(self._pending, return_when=FIRST_COMPLETED).done)
+
+    def _collect(self, finished: set[Future]) -> None:
+        self._pending = [future for future in self._pending if future not in finished]
+        for future in finished:
+            future.result()
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        if self._executor is None:
+            return
+        try:
+            if error is None:
+                self._collect(set(wait(self._pending).done))
+        finally:
+            self._executor.shutdown(wait=error is None, cancel_futures=True)

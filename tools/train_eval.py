@@ -3,6 +3,8 @@
 - CAAE: mean average precision of the binarised class similarities, best over 99 thresholds.
 - SemFormer: CAM mIoU at the patch grid (28 x 28 for 448 px), best over 99 background thresholds.
 Both run on the ``train`` list with its ground truth (``--select_by gt``, the original's protocol).
+- DeepLab: single-scale mIoU on the ``val`` list, logged every epoch when val ground truth exists
+  (``--select_by val`` keeps the best, which tunes on val; the default keeps the last).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from core.losses import cosine_similarity
 from tools.metrics import ConfusionAccumulator
@@ -93,3 +96,22 @@ def semformer_selection_score(
     best = int(np.argmax(mious))
     return {"score": mious[best], "mIoU": mious[best], "threshold": float(SELECTION_THRESHOLDS[best]),
             "FP": scores[best].fp_all, "FN": scores[best].fn_all}
+
+
+@torch.no_grad()
+def segmentation_selection_score(model: nn.Module, loader: DataLoader, num_classes: int,
+                                 device: torch.device) -> dict:
+    """Single-scale mIoU of a segmentation model on whole images (batches of 1, any size).
+
+    ``loader`` yields ``(image (1, 3, H, W), label, mask (1, H, W))`` (``CAMTestDataset`` with
+    ``segmentation_eval_transform``); logits are resized to the mask (bilinear) and arg-maxed.
+    """
+    accumulator = ConfusionAccumulator(num_classes)
+    for images, _, masks in tqdm(loader, desc="validation", leave=False, dynamic_ncols=True):
+        logits = model(images.to(device))
+        logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        predictions = logits.argmax(1).cpu().numpy()
+        for mask, prediction in zip(masks.numpy(), predictions):
+            accumulator.update(mask, prediction)
+    scores = accumulator.scores()[0]
+    return {"score": scores.miou, "mIoU": scores.miou, "FP": scores.fp_all, "FN": scores.fn_all}

@@ -1,0 +1,143 @@
+"""Segmentation maps of a trained DeepLab: multi-scale, flipped, refined by a dense CRF.
+
+    python inference_segmentation.py --tag DeepLabV2@SemFormer --domain val
+    python inference_segmentation.py --tag DeepLabV2@SemFormer --domain test --submission
+
+reads ``experiments/models/<tag>.pth`` (architecture from ``<tag>.json``) and writes one palette PNG
+per image, at the image's size, to ``experiments/predictions/<tag>@<domain>@scale=...@crf=...``.
+Defaults are the DeepLabV2 test recipe: scales 0.5-1.75 with flips, logits averaged, then DeepLab's
+10-iteration CRF. Finished files are skipped, so a killed run resumes; ``--start/--end`` take a
+slice of the list and ``torchrun --nproc_per_node N`` splits it across GPUs. ``--submission`` also
+packs the PASCAL VOC evaluation server's ``results.tar.gz`` (after checking every file).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.checkpoint import load_weights
+from core.deeplab import DeepLab
+from core.multiscale import DEEPLAB_TEST_SCALES, FUSIONS, multiscale_probabilities
+from tools.artifacts import PNG_SUFFIX, format_scales, missing_ids, pending_ids, save_png
+from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, inference_device,
+                       open_stage_data, parse_scales, rank_shard, run_main, shard)
+from tools.crf import CRFSetting, parse_crf_setting
+from tools.labels import write_segmentation_png
+from tools.model_args import load_model_config
+from tools.parallel import BackgroundJobs
+from tools.submission import submission_dir, write_submission
+from tools.transforms import normalize
+
+RECIPE_MODEL = {"architecture": "deeplabv2", "backbone": "resnet101", "bn": "frozen"}  # when no <tag>.json
+WAIT_POLL_SECONDS = 5.0
+
+
+def crf_argument(text: str) -> CRFSetting | None:
+    try:
+        return parse_crf_setting(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tag", required=True, help="DeepLab model under experiments/models/")
+    add_dataset_args(parser, domain="val")
+    parser.add_argument("--scales", type=parse_scales, default=DEEPLAB_TEST_SCALES,
+                        help=f"comma-separated test scales (default {format_scales(DEEPLAB_TEST_SCALES)})")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run each scale horizontally flipped")
+    parser.add_argument("--fusion", choices=FUSIONS, default="mean_logits",
+                        help="mean_logits: softmax of the mean logits; max_prob: per-class max probability")
+    parser.add_argument("--crf", type=crf_argument, default=parse_crf_setting("deeplab"), metavar="none|deeplab|N",
+                        help="dense CRF on the probabilities: deeplab (10 iterations, DeepLab's kernels; default), "
+                             "N iterations with the original's kernels, or none")
+    parser.add_argument("--submission", action="store_true",
+                        help="also write results/VOC2012/Segmentation/comp6_<domain>_cls/ and results.tar.gz")
+    parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
+    parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
+    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    add_jobs_arg(parser)
+    add_output_args(parser, reads_predictions=False)
+    return parser.parse_args(argv)
+
+
+def ids_name(args: argparse.Namespace) -> str:
+    """The domain, or the stem of the ``--list`` file."""
+    return Path(args.list).stem if args.list else args.domain
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """``<tag>@<domain or list>@scale=<scales>[@noflip][@fusion=max_prob]@crf=<setting>``."""
+    name = f"{args.tag}@{ids_name(args)}@scale={format_scales(args.scales)}"
+    if not args.flip:
+        name += "@noflip"
+    if args.fusion != "mean_logits":
+        name += f"@fusion={args.fusion}"
+    return name + f"@crf={args.crf.name if args.crf else 'none'}"
+
+
+def build_model(tag: str, num_classes: int, model_path: Path) -> DeepLab:
+    """The trained DeepLab, rebuilt from its saved config and loaded strictly."""
+    config = load_model_config(model_path, "deeplab", RECIPE_MODEL)
+    model = DeepLab(num_classes, **config)
+    load_weights(model, model_path, f"python train_segmentation.py --tag {tag} ...")
+    return model
+
+
+def wait_for_other_ranks(out_dir: Path, ids: list[str]) -> None:
+    """Under torchrun, rank 0 waits until every rank's files of ``ids`` exist (the other ranks write them)."""
+    missing = missing_ids(out_dir, ids, PNG_SUFFIX)
+    with tqdm(total=len(ids), initial=len(ids) - len(missing), desc="other ranks", dynamic_ncols=True) as bar:
+        while missing:
+            time.sleep(WAIT_POLL_SECONDS)
+            still = missing_ids(out_dir, missing, PNG_SUFFIX)
+            bar.update(len(missing) - len(still))
+            missing = still
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.submission and (args.start, args.end) != (0.0, 1.0):
+        raise SystemExit("error: --submission packs the whole list: run the --start/--end shards first, then "
+                         "the same command without them plus --submission (finished files are skipped)")
+    data = open_stage_data(args)
+    device = inference_device(args.device)
+    model = build_model(args.tag, data.descriptor.num_classes, data.paths.model(args.tag)).to(device).eval()
+    name = output_name(args)
+    out_dir = data.paths.predictions(name)
+    ids = rank_shard(shard(data.ids, args.start, args.end))
+    todo = pending_ids(out_dir, ids, PNG_SUFFIX, args.overwrite, "segmentation maps")
+    palette = data.descriptor.palette
+    print(args.crf.describe() if args.crf else "no CRF")
+    with BackgroundJobs(args.n_jobs if args.crf else 1) as crf_jobs:
+        for image_id in tqdm(todo, desc="segmentation", dynamic_ncols=True):
+            image = data.reader.load_image(image_id)
+            probs = multiscale_probabilities(model, normalize(image).to(device), args.scales, args.flip, args.fusion)
+            path = out_dir / f"{image_id}{PNG_SUFFIX}"
+            if args.crf is None:
+                save_png(path, probs.argmax(0).to(torch.uint8).cpu().numpy(), palette)
+            else:
+                crf_jobs.submit(write_segmentation_png, path, probs.cpu().numpy(), np.asarray(image), args.crf,
+                                palette)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    if args.submission:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            wait_for_other_ranks(out_dir, data.ids)
+        archive = write_submission(out_dir, data.ids, data.reader, ids_name(args))
+        print(f"checked {len(data.ids)} files in {submission_dir(out_dir, ids_name(args))}\n"
+              f"submission archive: {archive}")
+    if data.reader.mask_path(data.ids[0]).is_file():
+        ids_flag = f"--list {args.list}" if args.list else f"--domain {args.domain}"
+        print(f"Next: python evaluate.py --experiment_name {name} {ids_flag} --mode png {dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

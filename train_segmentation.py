@@ -1,0 +1,139 @@
+r"""Train the final segmentation model (DeepLab) on the pseudo labels, or on any folder of label PNGs.
+
+    python train_segmentation.py --tag DeepLabV2@SemFormer \
+        --label_name AffinityNet@SemFormer@train@beta=10@exp_times=8@rw@crf=1
+    torchrun --nproc_per_node 2 train_segmentation.py --tag DeepLabV2@SemFormer --label_name ...
+    python train_segmentation.py --tag DeepLabV2@GT --label_dir ../VOC2012/SegmentationClassAug   # GT sanity
+
+Defaults are the DeepLabV2 recipe most WSSS papers tabulate (SemFormer's own is unpublished):
+ResNet-101 with ImageNet weights at output stride 8 and frozen BatchNorm, four summed dilated 3x3
+convs as head; 321 px crops of images scaled by one of 0.5, 0.75, ..., 2.0 and flipped; batch 10,
+30k iterations, SGD momentum 0.9, lr 2.5e-4 (head weights 10x, head biases 20x without weight
+decay), weight decay 5e-4, poly 0.9; background/foreground-balanced cross-entropy. Label value 255
+carries no loss. The val mIoU (single scale) is logged after every epoch when val ground truth
+exists; the last iteration's model is kept (``--select_by val`` keeps the best val epoch instead,
+which tunes on the evaluation set). Writes ``experiments/models/<tag>.pth`` and ``<tag>.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from core.deeplab import ARCHITECTURES, BN_MODES, DeepLab
+from core.losses import SEGMENTATION_LOSSES, segmentation_loss
+from tools.artifacts import PNG_SUFFIX, format_scales, require_complete
+from tools.cli import StageData, add_dataset_args, dataset_flags, open_stage_data, parse_scales, run_main
+from tools.dataset import CAMTestDataset, SegmentationDataset
+from tools.distributed import destroy_distributed, init_distributed
+from tools.engine import Trainer, TrainConfig, add_engine_args
+from tools.loader import seed_everything
+from tools.model_args import save_model_config
+from tools.optimizer import build_optimizer, parameter_groups
+from tools.train_eval import segmentation_selection_score
+from tools.transforms import (DEEPLAB_CROP_SIZE, DEEPLAB_SCALES, SCALE_MODES, segmentation_eval_transform,
+                              segmentation_train_transform)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--label_name", help="pseudo-label folder under experiments/predictions/")
+    labels.add_argument("--label_dir", help="any folder of <id>.png label maps (255 = ignore), e.g. "
+                                            "../VOC2012/SegmentationClassAug for the fully supervised check")
+    add_dataset_args(parser, domain="train_aug")
+    add_engine_args(parser, batch_size=10, max_iters=30000, lr=2.5e-4, wd=5e-4, num_workers=8,
+                    select_by="last", best_choice="val", momentum=0.9, nesterov=False)
+    model = parser.add_argument_group("model")
+    model.add_argument("--architecture", choices=ARCHITECTURES, default="deeplabv2")
+    model.add_argument("--backbone", default="resnet101", help="any torchvision ResNet (resnet18 ... resnet152)")
+    model.add_argument("--pretrained", default="imagenet",
+                       help="imagenet (torchvision's weights, downloaded), none (random init) or a local "
+                            ".pth / .safetensors file of a torchvision ResNet")
+    model.add_argument("--backbone_bn", choices=BN_MODES, default="frozen",
+                       help="frozen: BatchNorm fixed (the recipes, with ImageNet weights); train: ordinary "
+                            "BatchNorm (needed from random init)")
+    recipe = parser.add_argument_group("data and loss")
+    recipe.add_argument("--loss", choices=SEGMENTATION_LOSSES, default="balanced_ce",
+                        help="balanced_ce: mean of the background and foreground pixels' CE; ce: plain CE")
+    recipe.add_argument("--crop_size", type=int, default=DEEPLAB_CROP_SIZE)
+    recipe.add_argument("--scales", type=parse_scales, default=DEEPLAB_SCALES,
+                        help=f"random scales of the training images (default {format_scales(DEEPLAB_SCALES)})")
+    recipe.add_argument("--scale_mode", choices=SCALE_MODES, default="choice",
+                        help="choice: one of --scales; uniform: any factor between their min and max")
+    recipe.add_argument("--eval_domain", default="val", help="list scored after every epoch, if it has GT masks")
+    return parser.parse_args(argv)
+
+
+def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss: str,
+               ignore_index: int) -> dict[str, torch.Tensor]:
+    """Logits of the crops, resized to the labels (bilinear), and their loss."""
+    images, labels = batch
+    logits = F.interpolate(model(images), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return segmentation_loss(logits, labels, loss, ignore_index)
+
+
+def label_folder(args: argparse.Namespace, data: StageData) -> Path:
+    """The label PNG folder of ``--label_name`` / ``--label_dir``, complete for the training list."""
+    if args.label_dir:
+        folder, command = Path(args.label_dir), "(a folder with one <id>.png per id of the list)"
+    else:
+        folder = data.paths.predictions(args.label_name)
+        command = f"python make_pseudo_labels.py --domain {args.domain} {dataset_flags(args)} ..."
+    require_complete(folder, data.ids, PNG_SUFFIX, command)
+    return folder
+
+
+def validation_loader(args: argparse.Namespace, data: StageData, num_workers: int) -> DataLoader | None:
+    """Whole ``--eval_domain`` images with their GT masks, or None when the list has no masks."""
+    if args.eval_domain not in data.descriptor.lists:
+        return None
+    ids = data.descriptor.read_ids(args.eval_domain)
+    if not all(data.reader.mask_path(image_id).is_file() for image_id in ids):
+        return None
+    dataset = CAMTestDataset(data.reader, ids, segmentation_eval_transform())
+    return DataLoader(dataset, batch_size=1, num_workers=num_workers)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = TrainConfig.from_args(args)
+    data = open_stage_data(args)
+    transform = segmentation_train_transform(args.crop_size, args.scales, args.scale_mode)
+    dataset = SegmentationDataset(data.reader, data.ids, label_folder(args, data), transform)
+    dataset.check_files()
+    eval_loader = validation_loader(args, data, config.num_workers)
+    if eval_loader is None and config.select_by == "gt":
+        raise SystemExit(f"error: --select_by val needs ground-truth masks for every id of --eval_domain "
+                         f"{args.eval_domain}")
+    context = init_distributed()
+    try:
+        seed_everything(config.seed)
+        num_classes = data.descriptor.num_classes
+        model_config = {"architecture": args.architecture, "backbone": args.backbone, "bn": args.backbone_bn}
+        model = DeepLab(num_classes, **model_config, pretrained=args.pretrained)
+        if context.is_main:
+            save_model_config(config.paths.model(config.tag), "deeplab", num_classes, model_config)
+        groups = parameter_groups(model, config.lr, config.weight_decay)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
+                                    config.optimizer)
+        step = functools.partial(train_step, loss=args.loss, ignore_index=data.descriptor.ignore_index)
+        evaluate = None
+        if eval_loader is not None:
+            evaluate = functools.partial(segmentation_selection_score, loader=eval_loader, num_classes=num_classes,
+                                         device=context.device)
+        result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate,
+                         script_args=vars(args)).fit()
+    finally:
+        destroy_distributed()
+    if context.is_main and not result.interrupted:
+        print(f"Next: python inference_segmentation.py --tag {config.tag} --domain val {dataset_flags(args)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
