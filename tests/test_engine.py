@@ -256,6 +256,20 @@ def test_max_iters_ends_in_a_partial_epoch_that_is_evaluated_and_saved(tmp_path)
     assert ExperimentPaths(tmp_path).model(TAG).is_file()
 
 
+def test_eval_every_skips_epochs_but_always_scores_the_last(tmp_path):
+    evaluated_at: list[int] = []
+    config = TrainConfig(tag=TAG, max_epoch=None, max_iters=9, batch_size=8, lr=0.1, weight_decay=1e-4,
+                         select_by="last", experiments_dir=str(tmp_path), eval_every=2)
+    model = ToyNet()
+    optimizer = build_optimizer(parameter_groups(model, 0.1, 1e-4), 0.1, 1e-4)
+    trainer = Trainer(config, SINGLE_CPU, model, optimizer, ToyDataset(16), toy_step,
+                      evaluate=lambda module: evaluated_at.append(trainer.global_step) or {"score": 0.0})
+    trainer.fit()
+    assert evaluated_at == [4, 8, 9]  # epochs 2 and 4 of 2 steps, then the partial fifth
+    validation = json.loads(ExperimentPaths(tmp_path).json_log(TAG).read_text())["validation"]
+    assert [entry["iteration"] for entry in validation] == [4, 8, 9]
+
+
 def test_gt_selection_needs_an_evaluation(tmp_path):
     config = TrainConfig(tag=TAG, max_epoch=1, batch_size=8, lr=0.1, weight_decay=1e-4,
                          experiments_dir=str(tmp_path))

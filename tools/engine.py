@@ -93,13 +93,14 @@ class TrainConfig:
     resume: bool = False
     max_iters: int | None = None
     optimizer: str = "sgd"
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         if not self.tag:
             raise ValueError("--tag must not be empty: it names the model, logs and checkpoint")
         if (self.max_epoch is None) == (self.max_iters is None):
             raise ValueError("give exactly one of max_epoch and max_iters")
-        for name in ("max_epoch", "max_iters", "batch_size"):
+        for name in ("max_epoch", "max_iters", "batch_size", "eval_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
@@ -119,7 +120,7 @@ class TrainConfig:
             accum_steps=args.accum_steps, amp=args.amp, num_workers=args.num_workers, seed=args.seed,
             print_ratio=args.print_ratio, select_by="last" if args.select_by == "last" else "gt",
             experiments_dir=str(args.experiments_dir), resume=args.resume,
-            max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer,
+            max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer, eval_every=args.eval_every,
         )
 
     @property
@@ -177,6 +178,8 @@ def add_engine_args(
     group.add_argument("--num_workers", type=int, default=num_workers)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--print_ratio", type=float, default=0.1, help="log every this fraction of an epoch")
+    group.add_argument("--eval_every", type=int, default=1,
+                       help="evaluate (and select the model) every N epochs and after the last one")
     group.add_argument("--select_by", choices=(best_choice, "last"),
                        default=best_choice if select_by == "gt" else "last",
                        help=f"{best_choice}: keep the model with the best evaluation score; last: the final epoch's")
@@ -411,8 +414,11 @@ class Trainer:
         return self.model.no_sync()
 
     def _finish_epoch(self) -> None:
-        """Evaluate, keep the selected model, write the full checkpoint."""
-        metrics = self._run_evaluation()
+        """Evaluate (every ``eval_every`` epochs and after the last), keep the selected model, write
+        the full checkpoint."""
+        done = self.epoch + 1
+        due = done % self.config.eval_every == 0 or done == self.num_epochs
+        metrics = self._run_evaluation() if due else None
         self.epoch += 1
         self.step_in_epoch = 0
         if self.context.is_main:
