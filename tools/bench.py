@@ -52,8 +52,8 @@ CONFIGS = {
                              dict(decoder_width=64, decoder_depth=1, decoder_heads=2, class_dim=32)),
     "deeplabv2-paper": BenchConfig("deeplab", 10, 321, 0, {}, {}, {},
                                    dict(architecture="deeplabv2", backbone="resnet101", bn="frozen")),
-    "deeplab-tiny": BenchConfig("deeplab", 8, 128, 0, {}, {}, {},
-                                dict(architecture="deeplabv2", backbone="resnet18", bn="train")),
+    "deeplab-tiny": BenchConfig("deeplab", 8, 96, 0, {}, {}, {},  # the demo's model
+                                dict(architecture="deeplabv3plus", backbone="resnet18", bn="train")),
 }
 
 
