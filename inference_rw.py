@@ -12,6 +12,7 @@ The walk uses a sparse transition matrix: no dense (HW)^2 matrix is ever built.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,9 @@ from core.checkpoint import load_weights
 from tools.artifacts import (CAM_SUFFIX, load_prediction, pending_ids, prediction_file, random_walk_name,
                              require_complete, save_npz)
 from tools.cli import (add_dataset_args, add_output_args, dataset_flags, inference_device, open_stage_data,
-                       rank_shard, run_main, shard)
+                       process_rank, rank_shard, run_main, shard)
 from tools.model_args import load_model_config
+from tools.provenance import claim_output_folder, folder_input, model_input, run_record
 from tools.transforms import normalize
 
 
@@ -68,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     data = open_stage_data(args)
     device = inference_device(args.device)
     cam_dir = data.paths.predictions(args.cam_dir)
-    require_complete(cam_dir, data.ids, CAM_SUFFIX,
-                     f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ...")
+    command = f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ..."
+    require_complete(cam_dir, data.ids, CAM_SUFFIX, command)
     model_path = data.paths.model(args.model_name)
     architecture = load_model_config(model_path, "affinitynet", {"backbone": args.architecture})["backbone"]
     model = AffinityNet(architecture)
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     model.to(device).eval()
     out_dir = data.paths.predictions(output_name(args))
     ids = rank_shard(shard(data.ids, args.start, args.end))
+    inputs = {"cams": folder_input(cam_dir, command, args.allow_pickle), "model": model_input(model_path)}
+    claim_output_folder(out_dir, run_record(Path(__file__).name, args, inputs), CAM_SUFFIX, args.overwrite,
+                        process_rank())
     todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "random-walk files")
     for image_id in tqdm(todo, desc="random walk", dynamic_ncols=True):
         cams = load_prediction(prediction_file(cam_dir, image_id), args.allow_pickle)

@@ -26,11 +26,12 @@ from core.deeplab import DeepLab
 from core.multiscale import DEEPLAB_TEST_SCALES, FUSIONS, multiscale_probabilities
 from tools.artifacts import PNG_SUFFIX, format_scales, missing_ids, pending_ids, save_png
 from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, inference_device,
-                       open_stage_data, parse_scales, rank_shard, run_main, shard)
+                       open_stage_data, parse_scales, process_rank, rank_shard, run_main, shard)
 from tools.crf import CRFSetting, parse_crf_setting
 from tools.labels import write_segmentation_png
 from tools.model_args import load_model_config
 from tools.parallel import BackgroundJobs
+from tools.provenance import claim_output_folder, model_input, run_record
 from tools.submission import submission_dir, write_submission
 from tools.transforms import normalize
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     name = output_name(args)
     out_dir = data.paths.predictions(name)
     ids = rank_shard(shard(data.ids, args.start, args.end))
+    record = run_record(Path(__file__).name, args, {"model": model_input(data.paths.model(args.tag))})
+    claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite, process_rank())
     todo = pending_ids(out_dir, ids, PNG_SUFFIX, args.overwrite, "segmentation maps")
     palette = data.descriptor.palette
     print(args.crf.describe() if args.crf else "no CRF")
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 crf_jobs.submit(write_segmentation_png, path, probs.cpu().numpy(), np.asarray(image), args.crf,
                                 palette)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if process_rank() != 0:
         return
     if args.submission:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -4,12 +4,14 @@
 
 reads ``experiments/models/<tag>.pth`` and writes one ``.npz`` per image (``keys``, stride-4
 ``cam``, full-resolution ``hr_cam``) to ``experiments/predictions/<tag>@train@scale=0.5,1.0,1.5,2.0/``.
-Finished files are skipped, so a killed run resumes where it stopped; ``--start/--end`` take a
+Finished files are skipped when the folder's ``run.json`` records the same settings and model (other
+settings stop with an error instead), so a killed run resumes where it stopped; ``--start/--end`` take a
 slice of the list and ``torchrun --nproc_per_node N`` splits it across GPUs.
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,8 +23,9 @@ from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
 from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_npz
 from tools.cli import (add_dataset_args, add_output_args, dataset_flags, inference_device, open_stage_data,
-                       rank_shard, run_main, shard)
+                       process_rank, rank_shard, run_main, shard)
 from tools.model_args import add_semformer_args, load_model_config, semformer_config
+from tools.provenance import claim_output_folder, model_input, run_record
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     name = cam_experiment_name(args.tag, args.domain, scales)
     out_dir = data.paths.predictions(name)
     ids = rank_shard(shard(data.ids, args.start, args.end))
+    record = run_record(Path(__file__).name, args, {"model": model_input(data.paths.model(args.tag))})
+    claim_output_folder(out_dir, record, CAM_SUFFIX, args.overwrite, process_rank())
     todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "CAM files")
     for image_id in tqdm(todo, desc="CAMs", dynamic_ncols=True):
         image = data.reader.load_image(image_id)

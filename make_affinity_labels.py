@@ -22,6 +22,7 @@ from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_
 from tools.dataset import VOCReader
 from tools.labels import AFFINITY_CRF_ITERATIONS, affinity_label
 from tools.parallel import parallel_map
+from tools.provenance import claim_output_folder, folder_input, run_record
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
     cam_dir = data.paths.predictions(args.experiment_name)
-    require_complete(cam_dir, data.ids, CAM_SUFFIX,
-                     f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ...")
+    command = f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ..."
+    require_complete(cam_dir, data.ids, CAM_SUFFIX, command)
+    record = run_record(Path(__file__).name, args, {"cams": folder_input(cam_dir, command, args.allow_pickle)})
     fg, bg = args.fg_threshold, args.bg_threshold
     if args.swap_thresholds:
         fg, bg = max(fg, bg), min(fg, bg)
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.swap_thresholds:
         name += "@swapped"
     out_dir = data.paths.predictions(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite)
     todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "affinity labels")
     job = Job(data.reader, cam_dir, out_dir, fg, bg, args.crf_iteration, args.allow_pickle)
     for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "affinity labels"):

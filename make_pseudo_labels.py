@@ -22,6 +22,7 @@ from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_
 from tools.dataset import VOCReader
 from tools.labels import scores_to_label
 from tools.parallel import parallel_map
+from tools.provenance import claim_output_folder, folder_input, run_record
 
 PSEUDO_LABEL_THRESHOLD = 0.25
 
@@ -61,11 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
     in_dir = data.paths.predictions(args.experiment_name)
-    require_complete(in_dir, data.ids, CAM_SUFFIX,
-                     f"python inference_rw.py --domain {args.domain} {dataset_flags(args)} ...")
+    command = f"python inference_rw.py --domain {args.domain} {dataset_flags(args)} ..."
+    require_complete(in_dir, data.ids, CAM_SUFFIX, command)
+    record = run_record(Path(__file__).name, args, {"scores": folder_input(in_dir, command, args.allow_pickle)})
     name = pseudo_label_name(args.experiment_name, args.crf_iteration)
     out_dir = data.paths.predictions(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite)
     todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "pseudo labels")
     job = Job(data.reader, in_dir, out_dir, data.descriptor.palette, args.threshold, args.crf_iteration,
               args.allow_pickle)

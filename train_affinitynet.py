@@ -22,7 +22,8 @@ from tools.dataset import AffinityDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
-from tools.model_args import save_model_config
+from tools.model_args import describe_model
+from tools.provenance import folder_input
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.transforms import affinity_train_transform
 
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig.from_args(args)
     data = open_stage_data(args)
     label_dir = data.paths.predictions(args.label_name)
-    require_complete(label_dir, data.ids, PNG_SUFFIX,
-                     f"python make_affinity_labels.py --domain {args.domain} {dataset_flags(args)} ...")
+    command = f"python make_affinity_labels.py --domain {args.domain} {dataset_flags(args)} ..."
+    require_complete(label_dir, data.ids, PNG_SUFFIX, command)
+    labels = folder_input(label_dir, command)
     if args.image_size % LABEL_STRIDE:
         raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of {LABEL_STRIDE}")
     context = init_distributed()
@@ -62,9 +64,6 @@ def main(argv: list[str] | None = None) -> None:
         path_index = PathIndex(args.radius, (grid, grid))
         pretrained = args.pretrained_path or args.pretrained
         model = AffinityNet(args.architecture, pretrained, path_index)
-        if context.is_main:
-            save_model_config(config.paths.model(config.tag), "affinitynet", data.descriptor.num_classes,
-                              {"backbone": args.architecture})
         transform = affinity_train_transform(args.image_size, args.min_image_size, args.max_image_size,
                                              LABEL_STRIDE, color_jitter="colorjitter" in args.augment)
         dataset = AffinityDataset(data.reader, data.ids, label_dir, transform)
@@ -81,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
             affinity = network.affinity(module(images))
             return affinity_loss(affinity, bg_pos, fg_pos, neg)
 
-        result = Trainer(config, context, model, optimizer, dataset, step, script_args=vars(args)).fit()
+        result = Trainer(config, context, model, optimizer, dataset, step, script_args=vars(args),
+                         model_config=describe_model("affinitynet", num_classes, {"backbone": args.architecture}),
+                         inputs={"labels": labels}).fit()
     finally:
         destroy_distributed()
     if context.is_main and not result.interrupted:

@@ -20,7 +20,7 @@ from tools.dataset import CAMTestDataset, ClassificationDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
-from tools.model_args import add_caae_args, caae_config, pretrained_kwargs, save_model_config
+from tools.model_args import add_caae_args, caae_config, describe_model, pretrained_kwargs
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import caae_selection_score
 from tools.transforms import caae_eval_transform, caae_train_transform
@@ -53,8 +53,6 @@ def main(argv: list[str] | None = None) -> None:
         model_config = caae_config(args)
         model = CAAE(num_classes, **model_config, **pretrained_kwargs(args),
                      grad_checkpointing=args.grad_checkpointing)
-        if context.is_main:
-            save_model_config(config.paths.model(config.tag), "caae", num_classes, model_config)
         augment = set(filter(None, args.augment.split(",")))
         transform = caae_train_transform(args.image_size, color_jitter="colorjitter" in augment,
                                          expand=(1.0, 3.0) if "randomexpand" in augment else None)
@@ -79,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             return caae_selection_score(module, eval_loader, context.device)
 
         result = Trainer(config, context, model, optimizer, dataset, step,
-                         evaluate=evaluate if eval_loader is not None else None, script_args=vars(args)).fit()
+                         evaluate=evaluate if eval_loader is not None else None, script_args=vars(args),
+                         model_config=describe_model("caae", num_classes, model_config)).fit()
     finally:
         destroy_distributed()
     if context.is_main and not result.interrupted:

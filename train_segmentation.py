@@ -33,7 +33,8 @@ from tools.dataset import CAMTestDataset, SegmentationDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
-from tools.model_args import save_model_config
+from tools.model_args import describe_model
+from tools.provenance import external_input, folder_input
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import segmentation_selection_score
 from tools.transforms import (DEEPLAB_CROP_SIZE, DEEPLAB_SCALES, SCALE_MODES, segmentation_eval_transform,
@@ -78,15 +79,17 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss:
     return segmentation_loss(logits, labels, loss, ignore_index)
 
 
-def label_folder(args: argparse.Namespace, data: StageData) -> Path:
-    """The label PNG folder of ``--label_name`` / ``--label_dir``, complete for the training list."""
+def label_folder(args: argparse.Namespace, data: StageData) -> tuple[Path, dict]:
+    """The label PNG folder of ``--label_name`` / ``--label_dir``, complete for the training list, and
+    its provenance (a ``--label_dir`` is external: none)."""
     if args.label_dir:
-        folder, command = Path(args.label_dir), "(a folder with one <id>.png per id of the list)"
-    else:
-        folder = data.paths.predictions(args.label_name)
-        command = f"python make_pseudo_labels.py --domain {args.domain} {dataset_flags(args)} ..."
+        folder = Path(args.label_dir)
+        require_complete(folder, data.ids, PNG_SUFFIX, "(a folder with one <id>.png per id of the list)")
+        return folder, external_input(folder)
+    folder = data.paths.predictions(args.label_name)
+    command = f"python make_pseudo_labels.py --domain {args.domain} {dataset_flags(args)} ..."
     require_complete(folder, data.ids, PNG_SUFFIX, command)
-    return folder
+    return folder, folder_input(folder, command)
 
 
 def validation_loader(args: argparse.Namespace, data: StageData, num_workers: int) -> DataLoader | None:
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig.from_args(args)
     data = open_stage_data(args)
     transform = segmentation_train_transform(args.crop_size, args.scales, args.scale_mode)
-    dataset = SegmentationDataset(data.reader, data.ids, label_folder(args, data), transform)
+    labels, labels_input = label_folder(args, data)
+    dataset = SegmentationDataset(data.reader, data.ids, labels, transform)
     dataset.check_files()
     eval_loader = validation_loader(args, data, config.num_workers)
     if eval_loader is None and config.select_by == "gt":
@@ -117,8 +121,6 @@ def main(argv: list[str] | None = None) -> None:
         num_classes = data.descriptor.num_classes
         model_config = {"architecture": args.architecture, "backbone": args.backbone, "bn": args.backbone_bn}
         model = DeepLab(num_classes, **model_config, pretrained=args.pretrained)
-        if context.is_main:
-            save_model_config(config.paths.model(config.tag), "deeplab", num_classes, model_config)
         groups = parameter_groups(model, config.lr, config.weight_decay)
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             evaluate = functools.partial(segmentation_selection_score, loader=eval_loader, num_classes=num_classes,
                                          device=context.device)
         result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate,
-                         script_args=vars(args)).fit()
+                         script_args=vars(args), model_config=describe_model("deeplab", num_classes, model_config),
+                         inputs={"labels": labels_input}).fit()
     finally:
         destroy_distributed()
     if context.is_main and not result.interrupted:

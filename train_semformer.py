@@ -24,8 +24,9 @@ from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
 from tools.logger import TrainingLogger
-from tools.model_args import (add_caae_args, add_semformer_args, caae_config, load_model_config,
-                              pretrained_kwargs, save_model_config, semformer_config)
+from tools.model_args import (add_caae_args, add_semformer_args, caae_config, describe_model, load_model_config,
+                              pretrained_kwargs, semformer_config)
+from tools.provenance import model_input
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import semformer_selection_score
 from tools.transforms import IMAGENET_MEAN, IMAGENET_STD, semformer_eval_transform, semformer_train_transform
@@ -84,8 +85,6 @@ def main(argv: list[str] | None = None) -> None:
         if caae.class_dim != args.class_dim:
             raise SystemExit(f"error: --class_dim {args.class_dim} differs from the CAAE's {caae.class_dim}")
         model = SemFormer(segmentor, caae)
-        if context.is_main:
-            save_model_config(config.paths.model(config.tag), "semformer", num_classes, model_config)
         transform = semformer_train_transform(args.image_size, args.min_image_size, args.max_image_size,
                                               color_jitter="colorjitter" in args.augment)
         dataset = ClassificationDataset(data.reader, data.ids, transform)
@@ -116,7 +115,9 @@ def main(argv: list[str] | None = None) -> None:
         result = Trainer(config, context, model, optimizer, dataset, step,
                          evaluate=evaluate if eval_loader is not None else None,
                          export_state=lambda module: module.segmentor_state_dict(),
-                         logger=logger, script_args=vars(args)).fit()
+                         logger=logger, script_args=vars(args),
+                         model_config=describe_model("semformer", num_classes, model_config),
+                         inputs={"caae": model_input(data.paths.model(args.ae_tag))}).fit()
     finally:
         destroy_distributed()
     if context.is_main and not result.interrupted:

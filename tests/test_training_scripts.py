@@ -13,6 +13,7 @@ from tests.cli_runner import run_script
 from tools.artifacts import save_png
 from tools.dataset import ClassificationDataset, VOCReader
 from tools.descriptor import load_descriptor
+from tools.provenance import claim_output_folder, run_record
 from tools.transforms import semformer_train_transform
 
 TINY_VIT = ["--backbone", "deit_small_patch16_224", "--vit_depth", "2", "--vit_embed_dim", "32",
@@ -84,6 +85,7 @@ def test_affinitynet_trains_on_affinity_labels(synthetic_dataset, tmp_path):
     reader = VOCReader(descriptor)
     ids = descriptor.read_ids("train")
     label_dir = tmp_path / "predictions" / "CAM@aff"
+    claim_output_folder(label_dir, run_record("hand-made GT labels", {}), ".png", overwrite=False)
     for image_id in ids:  # the GT with its ignore band stands in for affinity labels
         save_png(label_dir / f"{image_id}.png", reader.load_mask(image_id, required=True))
     flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path), "--domain", "train"]

@@ -3,6 +3,7 @@
 Layout (``root`` defaults to ``experiments/``)::
 
     models/<tag>.pth                 best weights, the next stage's input
+    models/<tag>.json                their model config and provenance (tools.provenance)
     models/<tag>.last.pth            full training checkpoint for --resume
     logs/<tag>.txt, logs/<tag>.json  text and JSON logs
     tensorboards/<tag>/              TensorBoard events
@@ -68,6 +69,10 @@ class ExperimentPaths:
 
     def model(self, tag: str) -> Path:
         return self.root / "models" / f"{tag}.pth"
+
+    def model_config(self, tag: str) -> Path:
+        """The model's config and provenance, written together with ``model(tag)``."""
+        return self.model(tag).with_suffix(".json")
 
     def checkpoint(self, tag: str) -> Path:
         return self.root / "models" / f"{tag}.last.pth"

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from tools.artifacts import CAM_SUFFIX, save_npz
 from tools.cli import add_dataset_args, open_stage_data, run_main
+from tools.provenance import claim_output_folder, run_record
 
 KINDS = ("centre", "uniform")
 CAM_STRIDE = 4
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     data = open_stage_data(args)
     output_dir = data.paths.predictions(args.experiment_name)
+    claim_output_folder(output_dir, run_record("tools/baseline_cams.py", args), CAM_SUFFIX, overwrite=True)
     for image_id in tqdm(data.ids, desc=f"baseline CAMs ({args.kind})"):
         height, width = data.reader.image_size(image_id)
         arrays = baseline_cams(args.kind, data.reader.load_label(image_id), height, width)

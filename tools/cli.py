@@ -105,10 +105,14 @@ def inference_device(requested: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def process_rank() -> int:
+    """This process's ``torchrun`` rank (0 without torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
 def rank_shard(ids: list[str]) -> list[str]:
     """This process's share of an id list under ``torchrun`` (every WORLD_SIZE-th id), else all ids.
 
     Inference needs no process group: each rank writes its own files.
     """
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    return ids[rank::world_size]
+    return ids[process_rank()::int(os.environ.get("WORLD_SIZE", 1))]

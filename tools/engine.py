@@ -31,6 +31,7 @@ epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). S
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -47,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from tools.artifacts import ArtifactError, ExperimentPaths
+from tools.artifacts import ArtifactError, ExperimentPaths, atomic_path
 from tools.checkpoint import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
                               restore_rng_state, save_checkpoint)
 from tools.distributed import DistContext, any_rank, gather_to_all, mean_over_ranks
@@ -55,6 +56,7 @@ from tools.loader import (EpochSampler, SeededDataset, ignore_interrupts_in_work
                           seed_everything)
 from tools.logger import TrainingLogger, format_duration
 from tools.optimizer import OPTIMIZERS, build_poly_scheduler
+from tools.provenance import run_record
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 SELECT_CHOICES = ("gt", "last")
@@ -94,6 +96,7 @@ class TrainConfig:
     max_iters: int | None = None
     optimizer: str = "sgd"
     eval_every: int = 1
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.tag:
@@ -106,6 +109,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be >= 1, got {value}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the tag's run and --overwrite starts it again: give one")
         if self.select_by not in SELECT_CHOICES:
             raise ValueError(f"--select_by must be one of {SELECT_CHOICES}, got {self.select_by!r}")
         if not 0.0 < self.print_ratio <= 1.0:
@@ -121,6 +126,7 @@ class TrainConfig:
             print_ratio=args.print_ratio, select_by="last" if args.select_by == "last" else "gt",
             experiments_dir=str(args.experiments_dir), resume=args.resume,
             max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer, eval_every=args.eval_every,
+            overwrite=args.overwrite,
         )
 
     @property
@@ -185,6 +191,8 @@ def add_engine_args(
                        help=f"{best_choice}: keep the model with the best evaluation score; last: the final epoch's")
     group.add_argument("--resume", action="store_true",
                        help="continue the run from models/<tag>.last.pth (same flags otherwise)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="train from scratch on a tag that already holds a model or checkpoint, replacing them")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -269,7 +277,10 @@ class Trainer:
     ``model`` may be on the CPU (it is moved to ``context.device``; optimiser parameter references stay
     valid). Iterations per epoch = ``len(dataset) // batch_size`` (drop_last), as the original.
     ``logger`` lets a script keep a handle for ``add_image`` in its ``evaluate``;
-    ``script_args`` (e.g. ``vars(args)``) is stored in the checkpoint for the record;
+    ``script_args`` (e.g. ``vars(args)``) is stored in the checkpoint for the record; ``model_config``
+    (``{"kind", "num_classes", ...}``, what the next stage rebuilds the model from) goes to
+    ``models/<tag>.json`` with the provenance of the run (``tools.provenance``: the script, its
+    arguments, ``inputs``, versions, git commit), written together with every saved model;
     ``find_unused_parameters`` is passed to DDP (needed when trainable parameters get no gradient,
     e.g. CAAE's ``dist_token``).
     """
@@ -279,11 +290,15 @@ class Trainer:
         dataset: Dataset, step_fn: StepFn, *, evaluate: EvaluateFn | None = None,
         export_state: ExportFn | None = None, collate_fn: Callable | None = None,
         logger: TrainingLogger | None = None, script_args: Mapping[str, Any] | None = None,
-        find_unused_parameters: bool = False,
+        find_unused_parameters: bool = False, model_config: Mapping[str, Any] | None = None,
+        inputs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if evaluate is None and config.select_by == "gt":
             raise ValueError("--select_by gt needs an evaluation; this script has none, use --select_by last")
         self.config, self.context, self.paths = config, context, config.paths
+        self._refuse_finished_tag()
+        self.model_config = None if model_config is None else {
+            **model_config, "run": run_record(Path(sys.argv[0]).name, script_args or {}, inputs)}
         self.step_fn, self.evaluate = step_fn, evaluate
         self.export_state = export_state or (lambda module: module.state_dict())
         self.script_args = plain_values(script_args or {})
@@ -447,9 +462,28 @@ class Trainer:
             self.logger.log_validation({"iteration": self.global_step, "epoch": self.epoch, **metrics,
                                         "best_score": self.best_score})
         if improved or self.config.select_by == "last":
-            path = self.paths.model(self.config.tag)
+            self._save_model()
+            self.logger.info(f"saved model of epoch {self.epoch} to {self.paths.model(self.config.tag)}")
+
+    def _save_model(self) -> None:
+        """The exported weights and ``<tag>.json``: both written to temporary files, then renamed."""
+        path = self.paths.model(self.config.tag)
+        if self.model_config is None:
             save_checkpoint(self.export_state(self.module), path)
-            self.logger.info(f"saved model of epoch {self.epoch} to {path}")
+            return
+        with atomic_path(path) as weights, atomic_path(self.paths.model_config(self.config.tag)) as description:
+            torch.save(dict(self.export_state(self.module)), weights)
+            description.write_text(json.dumps(self.model_config, indent=2) + "\n")
+
+    def _refuse_finished_tag(self) -> None:
+        """A fresh run never replaces a tag's model or checkpoint unless ``--overwrite``."""
+        if self.config.resume or self.config.overwrite:
+            return
+        tag = self.config.tag
+        for path, what in ((self.paths.model(tag), "a trained model"), (self.paths.checkpoint(tag), "a checkpoint")):
+            if path.is_file():
+                raise ArtifactError(f"{path}: tag {tag} already holds {what}; continue its run with --resume, "
+                                    "start it again with --overwrite, or choose another --tag")
 
     # ------------------------------------------------------------------ logging
     def _log_header(self) -> None:

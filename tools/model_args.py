@@ -82,10 +82,15 @@ def config_path(model_path: Path) -> Path:
     return model_path.with_suffix(".json")
 
 
+def describe_model(kind: str, num_classes: int, config: dict) -> dict:
+    """The content of ``<tag>.json``: what the next stage rebuilds the model from (the training
+    engine adds the run's provenance under ``run``)."""
+    return {"kind": kind, "num_classes": num_classes, **config}
+
+
 def save_model_config(model_path: Path, kind: str, num_classes: int, config: dict) -> None:
-    """Write ``<tag>.json`` beside ``<tag>.pth``."""
-    content = {"kind": kind, "num_classes": num_classes, **config}
-    atomic_write_text(config_path(model_path), json.dumps(content, indent=2) + "\n")
+    """Write ``<tag>.json`` beside weights saved outside the training engine."""
+    atomic_write_text(config_path(model_path), json.dumps(describe_model(kind, num_classes, config), indent=2) + "\n")
 
 
 def load_model_config(model_path: Path, kind: str, fallback: dict) -> dict:
@@ -98,4 +103,5 @@ def load_model_config(model_path: Path, kind: str, fallback: dict) -> dict:
     if found != kind:
         raise ArtifactError(f"{path}: describes a '{found}' model, expected '{kind}'")
     content.pop("num_classes", None)
+    content.pop("run", None)
     return content

@@ -1,0 +1,184 @@
+"""Provenance of every artifact, so that a rerun never silently reuses outputs made another way.
+
+- A prediction folder holds ``run.json``: the script, its settings, the input artifacts it read
+  (each with its own provenance hash), package versions and the git commit (with a dirty flag).
+- ``models/<tag>.json`` (written with ``<tag>.pth``) holds the model's config and the same record
+  under ``run``.
+
+``provenance`` hashes the script, the settings and the inputs' hashes: equal hashes mean the same
+computation on the same inputs. Versions, the commit and the execution flags (which ids, where,
+how many workers) are recorded but not compared, and the id list is not a setting: a file's
+content depends only on its image, so ``train`` and ``train_aug`` runs share a folder.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from tools.artifacts import ArtifactError, atomic_write_text
+
+RUN_FILE = "run.json"
+RUN_FORMAT = 1
+REPOSITORY = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "torchvision", "timm", "numpy", "pydensecrf2")
+# Flags that choose which ids, where, how fast or how often to log, never what a file holds.
+EXECUTION_FLAGS = frozenset({
+    "domain", "list", "start", "end", "overwrite", "resume", "device", "num_workers", "n_jobs",
+    "dataset", "data_dir", "experiments_dir", "print_ratio", "eval_every", "eval_batch_size", "allow_pickle",
+    "submission",
+})
+WAIT_SECONDS = 600.0  # how long a non-zero rank waits for rank 0's run.json
+
+
+def plain(value: Any) -> Any:
+    """A JSON-friendly copy: paths and other objects as strings, tuples as lists."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(key): plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return str(value)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def git_state(root: Path = REPOSITORY) -> dict[str, Any] | None:
+    """``{"commit", "dirty"}`` of the repository, or None outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def fingerprint(script: str, settings: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
+    content = {"script": script, "settings": settings,
+               "inputs": {name: entry["provenance"] for name, entry in inputs.items()}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_record(script: str, args: argparse.Namespace | Mapping[str, Any],
+               inputs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """What ``script`` run with ``args`` on ``inputs`` (``name -> folder_input / model_input / ...``) is."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    settings = {name: plain(value) for name, value in sorted(values.items()) if name not in EXECUTION_FLAGS}
+    execution = {name: plain(value) for name, value in sorted(values.items()) if name in EXECUTION_FLAGS}
+    inputs = {name: dict(entry) for name, entry in (inputs or {}).items()}
+    return {
+        "format": RUN_FORMAT, "script": script, "provenance": fingerprint(script, settings, inputs),
+        "settings": settings, "inputs": inputs, "execution": execution, "versions": package_versions(),
+        "git": git_state(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# ----------------------------------------------------------------------------- inputs
+def read_run(folder: Path) -> dict[str, Any] | None:
+    path = Path(folder) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{path}: unreadable provenance ({error})") from error
+
+
+def folder_input(folder: Path, command: str, allow_unknown: bool = False) -> dict[str, Any]:
+    """An input prediction folder and its provenance; one without ``run.json`` is refused (named with
+    the command that makes it) unless ``allow_unknown`` (the original's imported ``.npy`` files)."""
+    run = read_run(folder)
+    if run is None and not allow_unknown:
+        raise ArtifactError(f"{folder}: no {RUN_FILE} (made by an older version or by hand, so its settings are "
+                            f"unknown); remake it with:\n  {command} --overwrite")
+    return {"path": str(folder), "provenance": None if run is None else run["provenance"]}
+
+
+def model_input(model_path: Path) -> dict[str, Any]:
+    """An input model and the provenance in its ``<tag>.json`` (None for imported weights without one)."""
+    config = Path(model_path).with_suffix(".json")
+    run = json.loads(config.read_text()).get("run") if config.is_file() else None
+    return {"path": str(model_path), "provenance": None if run is None else run["provenance"]}
+
+
+def external_input(path: Path) -> dict[str, Any]:
+    """A folder from outside the pipeline (e.g. ground-truth masks): recorded, no provenance."""
+    return {"path": str(path), "provenance": None}
+
+
+# ----------------------------------------------------------------------------- outputs
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between two records' script, settings and inputs."""
+    found = []
+    if old.get("script") != new["script"]:
+        found.append(f"script {old.get('script')} -> {new['script']}")
+    old_settings, new_settings = old.get("settings", {}), new["settings"]
+    for name in sorted(set(old_settings) | set(new_settings)):
+        if old_settings.get(name, "<unset>") != new_settings.get(name, "<unset>"):
+            found.append(f"--{name} {old_settings.get(name, '<unset>')} -> {new_settings.get(name, '<unset>')}")
+    old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
+    for name in sorted(set(old_inputs) | set(new_inputs)):
+        before, after = old_inputs.get(name, {}), new_inputs.get(name, {})
+        if (before.get("path"), before.get("provenance")) != (after.get("path"), after.get("provenance")):
+            found.append(f"input {name} {after.get('path', before.get('path'))} changed")
+    return found
+
+
+def claim_output_folder(folder: Path, record: Mapping[str, Any], suffix: str, overwrite: bool,
+                        rank: int = 0) -> None:
+    """Make ``folder`` the output of ``record`` before any file is written.
+
+    A folder made with the same provenance is reused (finished files are skipped). One made another
+    way, or holding files without ``run.json``, is refused unless ``overwrite``: then rank 0 deletes
+    its ``*<suffix>`` files and writes the new ``run.json`` (the deletion comes first, so a killed
+    run never leaves old files under the new record); other ranks wait for that ``run.json``.
+    """
+    folder = Path(folder)
+    if rank != 0:
+        _wait_for_run(folder, record["provenance"])
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    old = read_run(folder)
+    files = sorted(folder.glob(f"*{suffix}"))
+    if old is not None and old.get("provenance") == record["provenance"]:
+        return
+    if old is not None or files:
+        reason = (f"made with other settings ({'; '.join(differences(old, record)) or 'another version'})"
+                  if old is not None else f"holds {len(files)} files but no {RUN_FILE}, so their settings are unknown")
+        if not overwrite:
+            raise ArtifactError(f"{folder}: {reason}; pass --overwrite to replace its files, or write to another "
+                                "folder (another --tag)")
+        for path in files:
+            path.unlink()
+        print(f"{folder}: {reason}; --overwrite: removed {len(files)} files")
+    atomic_write_text(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _wait_for_run(folder: Path, provenance: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            run = read_run(folder)
+        except ArtifactError:  # rank 0 is writing it
+            run = None
+        if run is not None and run.get("provenance") == provenance:
+            return
+        time.sleep(0.5)
+    raise ArtifactError(f"{folder}: rank 0 did not write a matching {RUN_FILE} within {WAIT_SECONDS:.0f} s")
