@@ -10,7 +10,7 @@
 # CAMs, random-walk maps and pseudo labels are scored on the `train` list (the first quarter of
 # `train_aug`, with ground truth), the final model on `val` (images no stage trained on); each
 # stage's output goes to <experiments dir>/demo_logs/<stage>.log. A summary table (stage, mIoU,
-# list scored, wall time) ends the run.
+# list scored, wall time) ends the run. Every stage runs again on each call (--overwrite).
 #
 # Paper settings are kept where they work at this scale. Deviations, each measured on the default
 # synthetic set (6 classes, 400 train_aug images of 96-192 px; mIoU on `train`, centre baseline 19.7):
@@ -159,7 +159,7 @@ begin "CAAE training"
 run caae "$PYTHON" train_caae.py "${COMMON[@]}" --domain train_aug --tag "$CAAE_TAG" "${TINY_VIT[@]}" \
     --image_size 64 --decoder_width 96 --decoder_depth 1 --decoder_heads 3 --class_dim 64 \
     --batch_size 32 --max_epoch 30 --momentum 0.9 --num_workers 0 \
-    --eval_batch_size 50
+    --eval_batch_size 50 --overwrite
 finish
 
 # ------------------------------------------------------------------ 3. SemFormer
@@ -167,7 +167,7 @@ begin "SemFormer training"
 run semformer "$PYTHON" train_semformer.py "${COMMON[@]}" --domain train_aug --tag "$SEMFORMER_TAG" \
     --ae_tag "$CAAE_TAG" "${TINY_VIT[@]}" --image_size 128 --min_image_size 96 --max_image_size 192 \
     --class_dim 64 --batch_size 16 --max_epoch 10 --lr 0.02 --momentum 0.9 --num_workers 0 \
-    --eval_batch_size 50
+    --eval_batch_size 50 --overwrite
 finish
 
 # ------------------------------------------------------------------ 4. CAMs
@@ -188,7 +188,7 @@ finish
 begin "AffinityNet training"
 run affinitynet "$PYTHON" train_affinitynet.py "${COMMON[@]}" --domain train_aug --tag "$AFFINITY_TAG" \
     --label_name "$AFFINITY_LABELS" --architecture resnet18 --image_size 192 --min_image_size 128 \
-    --max_image_size 256 --batch_size 8 --max_epoch 5 --momentum 0.9 --num_workers 0
+    --max_image_size 256 --batch_size 8 --max_epoch 5 --momentum 0.9 --num_workers 0 --overwrite
 finish
 
 # ------------------------------------------------------------------ 7. random walk
@@ -211,7 +211,8 @@ begin "DeepLab training"
 run segmentation "$PYTHON" train_segmentation.py "${COMMON[@]}" --domain train_aug --tag "$SEG_TAG" \
     --label_name "$PSEUDO_NAME" --architecture deeplabv3plus --backbone resnet18 --pretrained none \
     --backbone_bn train --optimizer adamw --lr 3e-4 --wd 1e-4 --amp bf16 --crop_size 96 \
-    --scales "$SEG_TRAIN_SCALES" --batch_size 8 --max_iters "$SEG_ITERS" --eval_every 6 --num_workers 0
+    --scales "$SEG_TRAIN_SCALES" --batch_size 8 --max_iters "$SEG_ITERS" --eval_every 6 --num_workers 0 \
+    --overwrite
 finish
 
 # ------------------------------------------------------------------ 10. final segmentation maps
