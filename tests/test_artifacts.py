@@ -1,4 +1,7 @@
 """Artifact naming and atomic, pickle-free I/O."""
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -34,6 +37,15 @@ def test_failed_write_leaves_no_file(tmp_path):
             temporary.write_bytes(b"partial")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_get_the_mode_of_an_ordinary_file(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        artifacts.atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
 
 
 def test_legacy_npy_dict_needs_allow_pickle(tmp_path):

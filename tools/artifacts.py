@@ -28,6 +28,7 @@ from PIL import Image
 CAM_SUFFIX = ".npz"
 LEGACY_SUFFIX = ".npy"
 PNG_SUFFIX = ".png"
+FILE_MODE = 0o666  # before the umask, as open() creates files
 
 
 class ArtifactError(ValueError):
@@ -91,6 +92,12 @@ class ExperimentPaths:
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -99,6 +106,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
+    os.chmod(temporary, FILE_MODE & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
     try:
         yield temporary
         os.replace(temporary, path)
