@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	bash tools/demo.sh $(PY) $(DEMO_DATA) $(DEMO_EXP)
+	$(PY) run_pipeline.py --recipe demo --data_dir $(DEMO_DATA) --experiments_dir $(DEMO_EXP)
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_EXP)

@@ -90,7 +90,7 @@ def test_model_record_comes_with_the_weights_and_a_finished_tag_is_kept(tmp_path
     trainer.fit()
     record = json.loads(paths.model_config(TAG).read_text())
     assert (record["kind"], record["num_classes"], record["width"]) == ("toy", 2, 4)
-    assert record["run"]["inputs"]["labels"]["provenance"] == "abc"
+    assert record["run"]["inputs"]["labels"]["provenance"] == "abc" and record["finished"] is True
     assert model_input(paths.model(TAG))["provenance"] == record["run"]["provenance"]
     assert load_model_config(paths.model(TAG), "toy", {}) == {"width": 4}
     weights = paths.model(TAG).read_bytes()

@@ -48,7 +48,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from tools.artifacts import ArtifactError, ExperimentPaths, atomic_path
+from tools.artifacts import ArtifactError, ExperimentPaths, atomic_path, atomic_write_text
 from tools.checkpoint import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
                               restore_rng_state, save_checkpoint)
 from tools.distributed import DistContext, any_rank, gather_to_all, mean_over_ranks
@@ -375,6 +375,8 @@ class Trainer:
                     if stopped:
                         self._log_stop()
                         return self._result(interrupted=True)
+            if self.context.is_main:
+                self._mark_finished()
             best = "n/a" if self.best_score is None else f"{self.best_score:.6g}"
             self.logger.info(f"Finished {self.config.tag}: {self.global_step} iterations, best score {best}, "
                              f"model {self.paths.model(self.config.tag)}")
@@ -473,7 +475,14 @@ class Trainer:
             return
         with atomic_path(path) as weights, atomic_path(self.paths.model_config(self.config.tag)) as description:
             torch.save(dict(self.export_state(self.module)), weights)
-            description.write_text(json.dumps(self.model_config, indent=2) + "\n")
+            description.write_text(json.dumps({**self.model_config, "finished": False}, indent=2) + "\n")
+
+    def _mark_finished(self) -> None:
+        """``"finished": true`` in ``<tag>.json`` once the last iteration is done (the weights stay)."""
+        path = self.paths.model_config(self.config.tag)
+        if self.model_config is not None and path.is_file():
+            content = json.loads(path.read_text())
+            atomic_write_text(path, json.dumps({**content, "finished": True}, indent=2) + "\n")
 
     def _refuse_finished_tag(self) -> None:
         """A fresh run never replaces a tag's model or checkpoint unless ``--overwrite``."""

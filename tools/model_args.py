@@ -104,4 +104,5 @@ def load_model_config(model_path: Path, kind: str, fallback: dict) -> dict:
         raise ArtifactError(f"{path}: describes a '{found}' model, expected '{kind}'")
     content.pop("num_classes", None)
     content.pop("run", None)
+    content.pop("finished", None)
     return content

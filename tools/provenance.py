@@ -123,6 +123,27 @@ def external_input(path: Path) -> dict[str, Any]:
     return {"path": str(path), "provenance": None}
 
 
+def current_provenance(path: str | Path) -> str | None:
+    """The provenance an input artifact has now: a folder's ``run.json`` or a model's ``<tag>.json``."""
+    path = Path(path)
+    if path.suffix == ".pth":
+        return model_input(path)["provenance"]
+    run = read_run(path) if path.is_dir() else None
+    return None if run is None else run["provenance"]
+
+
+def stale_reasons(record: Mapping[str, Any], args: argparse.Namespace | Mapping[str, Any]) -> list[str]:
+    """Why an artifact made as ``record`` is not what ``args`` would make now: changed settings, or
+    inputs whose provenance changed since (an upstream stage was redone another way)."""
+    settings = run_record(record.get("script", ""), args)["settings"]
+    reasons = differences({**record, "inputs": {}}, {"script": record.get("script", ""), "settings": settings,
+                                                     "inputs": {}})
+    for name, entry in record.get("inputs", {}).items():
+        if entry.get("provenance") is not None and current_provenance(entry["path"]) != entry["provenance"]:
+            reasons.append(f"input {name} {entry['path']} was remade")
+    return reasons
+
+
 # ----------------------------------------------------------------------------- outputs
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """Human-readable differences between two records' script, settings and inputs."""

@@ -1,0 +1,100 @@
+"""run_pipeline.py end to end on the smoke recipe: artifacts, skipping, reruns after a change, kills."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cli_runner import REPO, run_script
+from tools.pipeline import RECIPES
+
+STAGE_LINE = re.compile(r"^=== .* \((\w+)\): (.*)$", re.MULTILINE)
+TABLE_ROW = re.compile(r"^(.+?)\s{2,}(train|val|-)\s+([\d.]+|-)\s+(\d+|-)$", re.MULTILINE)
+
+
+def pipeline(data: Path, experiments: Path, *extra: str, recipe: str = "smoke") -> str:
+    return run_script("run_pipeline.py", "--recipe", recipe, "--data_dir", str(data),
+                      "--experiments_dir", str(experiments), *extra)
+
+
+def decisions(output: str) -> dict[str, str]:
+    return dict(STAGE_LINE.findall(output))
+
+
+def scores(output: str) -> dict[str, str]:
+    return {stage.strip(): miou for stage, _, miou, _ in TABLE_ROW.findall(output)}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, Path, str]:
+    """One uninterrupted run of the smoke recipe: (data dir, experiments dir, its output)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    output = pipeline(root / "data", root / "experiments")
+    return root / "data", root / "experiments", output
+
+
+def test_every_stage_writes_its_artifacts_and_a_rerun_skips_all(finished):
+    data, experiments, output = finished
+    recipe = json.loads((RECIPES / "smoke.json").read_text())
+    assert set(decisions(output).values()) == {"new"}
+    for stage in recipe["stages"]:
+        if "model" in stage["output"]:
+            record = json.loads((experiments / "models" / f"{stage['output']['model']}.json").read_text())
+            assert record["finished"] and record["run"]["git"] is not None
+        else:
+            name = stage["output"]["folder"].format(**recipe["vars"])
+            assert (experiments / "predictions" / name / "run.json").is_file()
+        assert (experiments / "logs" / "pipeline@smoke" / f"{stage['name']}.log").is_file()
+    page = (experiments / "report" / "smoke.html").read_text()
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert images and all((experiments / "report" / image).stat().st_size > 10_000 for image in images)
+    assert "DeepLab maps" in page and f"report: {experiments / 'report' / 'smoke.html'}" in output
+    table = scores(output)
+    assert set(table) == {stage["title"] for stage in recipe["stages"]} and table["DeepLab maps"] != "-"
+    again = pipeline(data, experiments)
+    assert set(decisions(again).values()) == {"done"} and scores(again) == table
+
+
+def test_a_changed_setting_reruns_that_stage_and_the_later_ones_only(finished, tmp_path):
+    data, experiments, output = finished
+    recipe = json.loads((RECIPES / "smoke.json").read_text())
+    for stage in recipe["stages"]:
+        if stage["name"] == "pseudo_labels":
+            stage["command"] += " --threshold 0.3"
+    changed = tmp_path / "smoke.json"
+    changed.write_text(json.dumps(recipe))
+    rerun = decisions(pipeline(data, experiments, recipe=str(changed)))
+    assert rerun["pseudo_labels"].startswith("changed: --threshold")
+    assert rerun["segmentation"].startswith("changed: input labels") and rerun["segmentation_maps"].startswith("changed")
+    assert {rerun[name] for name in ("caae", "semformer", "cams", "affinity_labels", "affinitynet",
+                                     "random_walk")} == {"done"}
+    back = decisions(pipeline(data, experiments))  # the original recipe: its settings differ again
+    assert back["pseudo_labels"].startswith("changed") and back["cams"] == "done"
+
+
+def test_killed_mid_stage_then_rerun_gives_the_same_table(finished, tmp_path):
+    data, _, output = finished
+    experiments = tmp_path / "experiments"
+    command = [sys.executable, "run_pipeline.py", "--recipe", "smoke", "--data_dir", str(data),
+               "--experiments_dir", str(experiments)]
+    cams = experiments / "predictions" / "SemFormer@smoke@train@scale=1.0,0.5"
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if cams.is_dir() and len(list(cams.glob("*.npz"))) >= 5:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the pipeline finished before it could be killed"
+    resumed = pipeline(data, experiments)
+    assert decisions(resumed)["cams"].endswith("files to make") and decisions(resumed)["caae"] == "done"
+    assert scores(resumed) == scores(output)
