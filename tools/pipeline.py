@@ -272,9 +272,10 @@ def run_recipe(name: str, settings: Settings, first: str | None = None, last: st
         print(f"=== dataset\n+ {printable([settings.python, *make], settings.python)}")
         run_logged([settings.python, *make], logs / "dataset.log", "dataset")
     for stage in chosen:
-        extra, reason = plan(stage, settings)
         if force:
             extra, reason = (["--overwrite"] if hasattr(parsed_args(stage, settings), "overwrite") else []), "forced"
+        else:
+            extra, reason = plan(stage, settings)
         print(f"=== {stage.title} ({stage.name}): {reason}")
         if extra is not None:
             started = time.monotonic()

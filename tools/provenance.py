@@ -76,11 +76,17 @@ def fingerprint(script: str, settings: Mapping[str, Any], inputs: Mapping[str, A
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def settings_of(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments that decide what an artifact holds (all but ``EXECUTION_FLAGS``), JSON-plain."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return {name: plain(value) for name, value in sorted(values.items()) if name not in EXECUTION_FLAGS}
+
+
 def run_record(script: str, args: argparse.Namespace | Mapping[str, Any],
                inputs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """What ``script`` run with ``args`` on ``inputs`` (``name -> folder_input / model_input / ...``) is."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    settings = {name: plain(value) for name, value in sorted(values.items()) if name not in EXECUTION_FLAGS}
+    settings = settings_of(values)
     execution = {name: plain(value) for name, value in sorted(values.items()) if name in EXECUTION_FLAGS}
     inputs = {name: dict(entry) for name, entry in (inputs or {}).items()}
     return {
@@ -135,7 +141,7 @@ def current_provenance(path: str | Path) -> str | None:
 def stale_reasons(record: Mapping[str, Any], args: argparse.Namespace | Mapping[str, Any]) -> list[str]:
     """Why an artifact made as ``record`` is not what ``args`` would make now: changed settings, or
     inputs whose provenance changed since (an upstream stage was redone another way)."""
-    settings = run_record(record.get("script", ""), args)["settings"]
+    settings = settings_of(args)
     reasons = differences({**record, "inputs": {}}, {"script": record.get("script", ""), "settings": settings,
                                                      "inputs": {}})
     for name, entry in record.get("inputs", {}).items():
