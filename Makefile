@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_DATA := demo_data/synthetic
-DEMO_EXP := experiments
+# Everything the demo writes lives under demo_data/ (the recipe's data_dir and experiments_dir), never in
+# experiments/, the default folder of real runs.
+DEMO_ROOT := demo_data
+DEMO_OUTPUTS := $(DEMO_ROOT)/synthetic $(DEMO_ROOT)/experiments
 
 .PHONY: install test demo clean-demo
 
@@ -19,7 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) run_pipeline.py --recipe demo --data_dir $(DEMO_DATA) --experiments_dir $(DEMO_EXP)
+	$(PY) run_pipeline.py --recipe demo
 
 clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_EXP)
+	rm -rf $(DEMO_OUTPUTS)
+	rmdir $(DEMO_ROOT) 2>/dev/null || true

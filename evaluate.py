@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tools.arguments import StageArgumentParser, finite_float, non_negative_int, positive_float
 from tools.artifacts import ArtifactError, ExperimentPaths
 from tools.cli import add_dataset_args, add_jobs_arg, run_main
 from tools.descriptor import load_descriptor, read_id_list
@@ -29,7 +30,7 @@ from tools.evaluation import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = StageArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.HelpFormatter)
     source = parser.add_argument_group("predictions")
     source.add_argument("--experiment_name", help="folder under <experiments_dir>/predictions/")
     source.add_argument("--pred_dir", help="score this folder instead of the experiment's")
@@ -40,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_args(parser)
     parser.add_argument("--gt_dir", help="GT masks (default: <data_dir>/SegmentationClass)")
     protocol = parser.add_argument_group("protocol")
-    protocol.add_argument("--threshold", type=float, help="a single background threshold (no sweep)")
-    protocol.add_argument("--min_th", type=float, default=0.10)
-    protocol.add_argument("--max_th", type=float, default=0.40, help="inclusive")
-    protocol.add_argument("--step", type=float, default=0.01)
-    protocol.add_argument("--crf_iteration", type=int, default=0, help="label-CRF iterations; 0 = no CRF")
+    protocol.add_argument("--threshold", type=finite_float, help="a single background threshold (no sweep)")
+    protocol.add_argument("--min_th", type=finite_float, default=0.10)
+    protocol.add_argument("--max_th", type=finite_float, default=0.40, help="inclusive")
+    protocol.add_argument("--step", type=positive_float, default=0.01)
+    protocol.add_argument("--crf_iteration", type=non_negative_int, default=0, help="label-CRF iterations; 0 = no CRF")
     protocol.add_argument("--post_process", choices=POST_PROCESSES, default="erode",
                           help="without CRF: erode every region by 3 px as the original does, or nothing")
     add_jobs_arg(parser)

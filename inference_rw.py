@@ -15,40 +15,41 @@ import argparse
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from core.affinitynet import AffinityNet, EDGE_MAP_MIN_SIZE
-from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, normalize_rw, random_walk
+from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, random_walk, walk_to_image
 from core.checkpoint import load_weights
 from tools.artifacts import (CAM_SUFFIX, load_prediction, pending_ids, prediction_file, random_walk_name,
                              require_complete, save_npz)
-from tools.cli import (add_dataset_args, add_output_args, dataset_flags, inference_device, open_stage_data,
-                       process_rank, rank_shard, run_main, shard)
+from tools.arguments import (StageArgumentParser, add_shard_args, non_negative_int, positive_float,
+                             positive_int)
+from tools.cli import (add_dataset_args, add_output_args, dataset_flags, open_stage_data, process_rank,
+                       rank_shard, run_main, shard)
+from tools.distributed import add_device_arg, inference_device
 from tools.model_args import load_model_config
 from tools.provenance import claim_output_folder, folder_input, model_input, run_record
 from tools.transforms import normalize
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--model_name", required=True, help="AffinityNet tag under experiments/models/")
     parser.add_argument("--cam_dir", required=True, help="CAM experiment under experiments/predictions/")
     add_dataset_args(parser)
     parser.add_argument("--architecture", default="resnet50",
                         help="AffinityNet backbone, if experiments/models/<model_name>.json does not say")
-    parser.add_argument("--beta", type=int, default=RW_BETA)
-    parser.add_argument("--exp_times", type=int, default=RW_EXP_TIMES, help="walk length = 2^exp_times")
-    parser.add_argument("--radius", type=int, default=RW_RADIUS, help="transition radius (training used 10)")
-    parser.add_argument("--image_size", type=int, default=EDGE_MAP_MIN_SIZE,
+    parser.add_argument("--beta", type=positive_int, default=RW_BETA)
+    parser.add_argument("--exp_times", type=non_negative_int, default=RW_EXP_TIMES, help="walk length = 2^exp_times")
+    parser.add_argument("--radius", type=positive_int, default=RW_RADIUS, help="transition radius (training used 10)")
+    parser.add_argument("--image_size", type=positive_int, default=EDGE_MAP_MIN_SIZE,
                         help="images are zero-padded to at least this size for the edge map")
-    parser.add_argument("--background", type=float, default=None, metavar="POWER",
+    parser.add_argument("--background", type=positive_float, default=None, metavar="POWER",
                         help="also propagate a background channel (1 - max cam)^POWER (original: none)")
     parser.add_argument("--normalize", choices=("global", "per_class"), default="global",
                         help="divide by one global max (original) or by each class's max")
-    parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
-    parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
-    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    add_shard_args(parser)
+    add_device_arg(parser)
     add_output_args(parser)
     return parser.parse_args(argv)
 
@@ -84,15 +85,16 @@ def main(argv: list[str] | None = None) -> None:
                         process_rank())
     todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "random-walk files")
     for image_id in tqdm(todo, desc="random walk", dynamic_ncols=True):
-        cams = load_prediction(prediction_file(cam_dir, image_id), args.allow_pickle)
         image = data.reader.load_image(image_id)
+        cams = load_prediction(prediction_file(cam_dir, image_id), data.descriptor.num_classes,
+                               allow_pickle=args.allow_pickle, image_size=(image.height, image.width),
+                               require=("cam",))
         with torch.no_grad():
             edge = model.edge_map(normalize(image).to(device), min_size=args.image_size)
             cam = torch.as_tensor(cams["cam"], dtype=torch.float32, device=device)
             rw = random_walk(cam, edge, args.radius, args.beta, args.exp_times, args.background)
-            rw = F.interpolate(rw[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
-            rw = normalize_rw(rw[:, : image.height, : image.width], args.normalize)
-        arrays = {"keys": cams["keys"], "rw": rw[-len(cam):].cpu().numpy()}
+            rw = walk_to_image(rw, image.height, image.width, args.normalize)
+        arrays = {"keys": cams["keys"], "rw": rw[len(rw) - len(cam):].cpu().numpy()}  # after the background
         if args.background is not None:
             arrays["rw_bg"] = rw[0].cpu().numpy()
         save_npz(out_dir / f"{image_id}{CAM_SUFFIX}", **arrays)

@@ -25,9 +25,11 @@ from core.checkpoint import load_weights
 from core.deeplab import DeepLab
 from core.multiscale import DEEPLAB_TEST_SCALES, FUSIONS, multiscale_probabilities
 from tools.artifacts import PNG_SUFFIX, format_scales, missing_ids, pending_ids, save_png
-from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, inference_device,
-                       open_stage_data, parse_scales, process_rank, rank_shard, run_main, shard)
+from tools.arguments import StageArgumentParser, add_shard_args, parse_scales
+from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
+                       process_rank, rank_shard, run_main, shard)
 from tools.crf import CRFSetting, parse_crf_setting
+from tools.distributed import add_device_arg, inference_device
 from tools.labels import write_segmentation_png
 from tools.model_args import load_model_config
 from tools.parallel import BackgroundJobs
@@ -47,7 +49,7 @@ def crf_argument(text: str) -> CRFSetting | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--tag", required=True, help="DeepLab model under experiments/models/")
     add_dataset_args(parser, domain="val")
     parser.add_argument("--scales", type=parse_scales, default=DEEPLAB_TEST_SCALES,
@@ -61,9 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "N iterations with the original's kernels, or none")
     parser.add_argument("--submission", action="store_true",
                         help="also write results/VOC2012/Segmentation/comp6_<domain>_cls/ and results.tar.gz")
-    parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
-    parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
-    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    add_shard_args(parser)
+    add_device_arg(parser)
     add_jobs_arg(parser)
     add_output_args(parser, reads_predictions=False)
     return parser.parse_args(argv)

@@ -22,27 +22,30 @@ from core.cam import multiscale_cams
 from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
 from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_npz
-from tools.cli import (add_dataset_args, add_output_args, dataset_flags, inference_device, open_stage_data,
+from tools.arguments import StageArgumentParser, add_shard_args, parse_bool, parse_scales, positive_int
+from tools.cli import (add_dataset_args, add_output_args, dataset_flags, evaluation_domain, open_stage_data,
                        process_rank, rank_shard, run_main, shard)
+from tools.distributed import add_device_arg, inference_device
 from tools.model_args import add_semformer_args, load_model_config, semformer_config
 from tools.provenance import claim_output_folder, model_input, run_record
 
+CAM_SCALES = (0.5, 1.0, 1.5, 2.0)
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--tag", required=True, help="SemFormer model under experiments/models/")
     add_dataset_args(parser)
     add_semformer_args(parser)
-    parser.add_argument("--scales", default="0.5,1.0,1.5,2.0", help="comma-separated image scales")
-    parser.add_argument("--with_cra", type=lambda text: text.lower() in ("1", "true", "yes"), default=True,
+    parser.add_argument("--scales", type=parse_scales, default=CAM_SCALES, help="comma-separated image scales")
+    parser.add_argument("--with_cra", type=parse_bool, default=True,
                         help="weight the activations by class-relevant attention (True/False)")
-    parser.add_argument("--cra_layers", type=int, default=4, help="last blocks whose attention forms the CRA")
+    parser.add_argument("--cra_layers", type=positive_int, default=4, help="last blocks whose attention forms the CRA")
     parser.add_argument("--exact_hr_cam", action="store_true",
                         help="resize hr_cam straight to the image size (the original stretches it to a "
                              "multiple of 16 and crops, losing up to 15 px)")
-    parser.add_argument("--start", type=float, default=0.0, help="fraction of the list where this run starts")
-    parser.add_argument("--end", type=float, default=1.0, help="fraction of the list where this run ends")
-    parser.add_argument("--device", default=None, help="default: this rank's GPU, else the CPU")
+    add_shard_args(parser)
+    add_device_arg(parser)
     add_output_args(parser, reads_predictions=False)
     return parser.parse_args(argv)
 
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
     device = inference_device(args.device)
-    scales = [float(scale) for scale in args.scales.split(",")]
+    scales = args.scales
     segmentor = build_segmentor(args, data.descriptor.num_classes, data.paths.model(args.tag))
     segmentor.to(device).eval()
     patch_size = segmentor.backbone.patch_size
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         keys = np.concatenate([[0], np.flatnonzero(label) + 1])
         cams = multiscale_cams(activations, image, keys, scales, patch_size, device, args.exact_hr_cam)
         save_npz(out_dir / f"{image_id}{CAM_SUFFIX}", **cams)
-    print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} {dataset_flags(args)}\n"
+    print(f"Next: python evaluate.py --experiment_name {name} --domain {evaluation_domain(data.descriptor, args)} "
+          f"{dataset_flags(args)}\n"
           f"      python make_affinity_labels.py --experiment_name {name} --domain {args.domain} "
           f"{dataset_flags(args)}")
 

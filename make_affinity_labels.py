@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.arguments import StageArgumentParser, finite_float, non_negative_int
 from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, load_prediction, pending_ids,
                              prediction_file, require_complete, save_png)
 from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
@@ -26,15 +27,15 @@ from tools.provenance import claim_output_folder, folder_input, run_record
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--experiment_name", required=True, help="CAM folder under experiments/predictions/")
     add_dataset_args(parser)
-    parser.add_argument("--fg_threshold", type=float, default=0.11)
-    parser.add_argument("--bg_threshold", type=float, default=0.15)
+    parser.add_argument("--fg_threshold", type=finite_float, default=0.11)
+    parser.add_argument("--bg_threshold", type=finite_float, default=0.15)
     parser.add_argument("--swap_thresholds", action="store_true",
                         help="fixed behaviour: confident fg uses the higher threshold, confident bg the lower "
                              "(the original's 0.11 < 0.15 leaves no uncertain band before the CRF)")
-    parser.add_argument("--crf_iteration", type=int, default=AFFINITY_CRF_ITERATIONS)
+    parser.add_argument("--crf_iteration", type=non_negative_int, default=AFFINITY_CRF_ITERATIONS)
     add_jobs_arg(parser)
     add_output_args(parser)
     return parser.parse_args(argv)
@@ -49,11 +50,13 @@ class Job:
     bg_threshold: float
     crf_iteration: int
     allow_pickle: bool
+    num_classes: int
 
 
 def make_one(job: Job, image_id: str) -> None:
-    cams = load_prediction(prediction_file(job.cam_dir, image_id), job.allow_pickle)
     image = np.array(job.reader.load_image(image_id))
+    cams = load_prediction(prediction_file(job.cam_dir, image_id), job.num_classes, allow_pickle=job.allow_pickle,
+                           image_size=image.shape[:2], require=("hr_cam",))
     label = affinity_label(image, cams["hr_cam"], cams["keys"], job.fg_threshold, job.bg_threshold,
                            job.crf_iteration)
     save_png(job.out_dir / f"{image_id}{PNG_SUFFIX}", label)
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = data.paths.predictions(name)
     claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite)
     todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "affinity labels")
-    job = Job(data.reader, cam_dir, out_dir, fg, bg, args.crf_iteration, args.allow_pickle)
+    job = Job(data.reader, cam_dir, out_dir, fg, bg, args.crf_iteration, args.allow_pickle,
+              data.descriptor.num_classes)
     for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "affinity labels"):
         pass
     print("Next: python train_affinitynet.py --tag AffinityNet@SemFormer "

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, load_prediction, pending_ids, prediction_file,
+from tools.arguments import StageArgumentParser, finite_float, non_negative_int
+from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, ArtifactError, load_prediction, pending_ids, prediction_file,
                              pseudo_label_name, require_complete, save_png)
 from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
                        run_main)
@@ -28,11 +29,11 @@ PSEUDO_LABEL_THRESHOLD = 0.25
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--experiment_name", required=True, help="random-walk (or CAM) folder under predictions/")
     add_dataset_args(parser)
-    parser.add_argument("--threshold", type=float, default=PSEUDO_LABEL_THRESHOLD, help="background score")
-    parser.add_argument("--crf_iteration", type=int, default=1)
+    parser.add_argument("--threshold", type=finite_float, default=PSEUDO_LABEL_THRESHOLD, help="background score")
+    parser.add_argument("--crf_iteration", type=non_negative_int, default=1)
     add_jobs_arg(parser)
     add_output_args(parser)
     return parser.parse_args(argv)
@@ -47,12 +48,18 @@ class Job:
     threshold: float
     crf_iteration: int
     allow_pickle: bool
+    num_classes: int
 
 
 def make_one(job: Job, image_id: str) -> None:
-    prediction = load_prediction(prediction_file(job.in_dir, image_id), job.allow_pickle)
-    scores = prediction["rw"] if "rw" in prediction else prediction["hr_cam"]
     image = np.array(job.reader.load_image(image_id)) if job.crf_iteration > 0 else None
+    size = image.shape[:2] if image is not None else job.reader.image_size(image_id)
+    prediction = load_prediction(prediction_file(job.in_dir, image_id), job.num_classes,
+                                 allow_pickle=job.allow_pickle, image_size=size)
+    if "rw" not in prediction and "hr_cam" not in prediction:
+        raise ArtifactError(f"{prediction_file(job.in_dir, image_id)}: no 'rw' or 'hr_cam' array "
+                            f"(has {sorted(prediction)})")
+    scores = prediction["rw"] if "rw" in prediction else prediction["hr_cam"]
     background = prediction.get("rw_bg", job.threshold)  # a propagated background replaces the threshold
     label = scores_to_label(scores, prediction["keys"], background, image, job.crf_iteration)
     save_png(job.out_dir / f"{image_id}{PNG_SUFFIX}", label, job.palette)
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite)
     todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "pseudo labels")
     job = Job(data.reader, in_dir, out_dir, data.descriptor.palette, args.threshold, args.crf_iteration,
-              args.allow_pickle)
+              args.allow_pickle, data.descriptor.num_classes)
     for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "pseudo labels"):
         pass
     print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} --mode png "

@@ -3,8 +3,8 @@
     python train_affinitynet.py --tag AffinityNet@SemFormer \
         --label_name SemFormer@CAAE@DeiT-B-Dist@train@scale=0.5,1.0,1.5,2.0@aff_fg=0.11_bg=0.15
 
-Paper settings are the defaults: ResNet-50 (frozen, ImageNet weights via ``--pretrained`` or
-``--pretrained_path``), 512 px crops of images resized to a long side in [320, 640], pairs within
+Paper settings are the defaults: ResNet-50 (frozen; ImageNet weights with ``--pretrained imagenet`` or
+``--pretrained PATH``), 512 px crops of images resized to a long side in [320, 640], pairs within
 radius 10 at stride 4, batch 32, 3 epochs on train_aug, lr 0.1. There is no evaluation: the last
 epoch's model is saved to ``experiments/models/<tag>.pth``.
 """
@@ -16,8 +16,9 @@ import torch
 
 from core.affinitynet import AffinityNet, affinity_loss
 from core.random_walk import PathIndex, affinity_targets
+from tools.arguments import StageArgumentParser, positive_int
 from tools.artifacts import PNG_SUFFIX, require_complete
-from tools.cli import add_dataset_args, dataset_flags, open_stage_data, run_main
+from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import AffinityDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
@@ -32,17 +33,18 @@ TRAIN_RADIUS = 10
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--label_name", required=True, help="affinity-label folder under experiments/predictions/")
     add_dataset_args(parser, domain="train_aug")
     add_engine_args(parser, batch_size=32, max_epoch=3, lr=0.1, wd=1e-4, num_workers=8, select_by="last")
     parser.add_argument("--architecture", default="resnet50", choices=("resnet50", "resnet34", "resnet18"))
-    parser.add_argument("--pretrained", action="store_true", help="torchvision ImageNet weights (needs internet)")
-    parser.add_argument("--pretrained_path", default=None, help="local torchvision-layout ResNet .pth")
-    parser.add_argument("--image_size", type=int, default=512, help="crop size")
-    parser.add_argument("--min_image_size", type=int, default=320)
-    parser.add_argument("--max_image_size", type=int, default=640)
-    parser.add_argument("--radius", type=int, default=TRAIN_RADIUS, help="pair radius at stride 4")
+    parser.add_argument("--pretrained", default="none",
+                        help="imagenet (torchvision's weights, downloaded), none (random init) or a local "
+                             ".pth / .safetensors file of a torchvision ResNet")
+    parser.add_argument("--image_size", type=positive_int, default=512, help="crop size")
+    parser.add_argument("--min_image_size", type=positive_int, default=320)
+    parser.add_argument("--max_image_size", type=positive_int, default=640)
+    parser.add_argument("--radius", type=positive_int, default=TRAIN_RADIUS, help="pair radius at stride 4")
     parser.add_argument("--augment", default="colorjitter", help="colorjitter or ''")
     return parser.parse_args(argv)
 
@@ -62,8 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         seed_everything(config.seed)
         grid = args.image_size // LABEL_STRIDE
         path_index = PathIndex(args.radius, (grid, grid))
-        pretrained = args.pretrained_path or args.pretrained
-        model = AffinityNet(args.architecture, pretrained, path_index)
+        model = AffinityNet(args.architecture, args.pretrained, path_index)
         transform = affinity_train_transform(args.image_size, args.min_image_size, args.max_image_size,
                                              LABEL_STRIDE, color_jitter="colorjitter" in args.augment)
         dataset = AffinityDataset(data.reader, data.ids, label_dir, transform)
@@ -85,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
                          inputs={"labels": labels}).fit()
     finally:
         destroy_distributed()
-    if context.is_main and not result.interrupted:
-        print(f"Next: python inference_rw.py --model_name {config.tag} --architecture {args.architecture} "
-              f"--cam_dir <CAM experiment> --domain {args.domain} {dataset_flags(args)}")
+    finish_training(result, config.tag, context.is_main,
+                    f"python inference_rw.py --model_name {config.tag} --architecture {args.architecture} "
+                    f"--cam_dir <CAM experiment> --domain {args.domain} {dataset_flags(args)}")
 
 
 if __name__ == "__main__":

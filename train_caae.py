@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from core.caae import CAAE
 from core.losses import caae_loss
-from tools.cli import add_dataset_args, dataset_flags, open_stage_data, run_main
+from tools.arguments import StageArgumentParser, non_negative_float, positive_int
+from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import CAMTestDataset, ClassificationDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
@@ -27,7 +28,7 @@ from tools.transforms import caae_eval_transform, caae_train_transform
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     add_dataset_args(parser, domain="train_aug")
     add_engine_args(parser, batch_size=64, max_epoch=200, lr=0.025, wd=5e-4, num_workers=16,
                     tag="CAAE@DeiT-B-Dist")
@@ -35,9 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--augment", default="colorjitter,randomexpand",
                         help="comma-separated subset of colorjitter,randomexpand")
     parser.add_argument("--eval_domain", default="train", help="list with GT used for checkpoint selection")
-    parser.add_argument("--eval_batch_size", type=int, default=64)
-    parser.add_argument("--bce_weight", type=float, default=1.0)
-    parser.add_argument("--mse_weight", type=float, default=1.0)
+    parser.add_argument("--eval_batch_size", type=positive_int, default=64)
+    parser.add_argument("--bce_weight", type=non_negative_float, default=1.0)
+    parser.add_argument("--mse_weight", type=non_negative_float, default=1.0)
     parser.add_argument("--grad_checkpointing", action="store_true", help="trade compute for memory (timm)")
     return parser.parse_args(argv)
 
@@ -81,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                          model_config=describe_model("caae", num_classes, model_config)).fit()
     finally:
         destroy_distributed()
-    if context.is_main and not result.interrupted:
-        print(f"Next: python train_semformer.py --ae_tag {config.tag} {dataset_flags(args)}")
+    finish_training(result, config.tag, context.is_main,
+                    f"python train_semformer.py --ae_tag {config.tag} {dataset_flags(args)}")
 
 
 if __name__ == "__main__":

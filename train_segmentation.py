@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 
 from core.deeplab import ARCHITECTURES, BN_MODES, DeepLab
 from core.losses import SEGMENTATION_LOSSES, segmentation_loss
+from tools.arguments import StageArgumentParser, parse_scales, positive_int
 from tools.artifacts import PNG_SUFFIX, format_scales, require_complete
-from tools.cli import StageData, add_dataset_args, dataset_flags, open_stage_data, parse_scales, run_main
+from tools.cli import StageData, add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import CAMTestDataset, SegmentationDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
@@ -42,7 +43,7 @@ from tools.transforms import (DEEPLAB_CROP_SIZE, DEEPLAB_SCALES, SCALE_MODES, se
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--label_name", help="pseudo-label folder under experiments/predictions/")
     labels.add_argument("--label_dir", help="any folder of <id>.png label maps (255 = ignore), e.g. "
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe = parser.add_argument_group("data and loss")
     recipe.add_argument("--loss", choices=SEGMENTATION_LOSSES, default="balanced_ce",
                         help="balanced_ce: mean of the background and foreground pixels' CE; ce: plain CE")
-    recipe.add_argument("--crop_size", type=int, default=DEEPLAB_CROP_SIZE)
+    recipe.add_argument("--crop_size", type=positive_int, default=DEEPLAB_CROP_SIZE)
     recipe.add_argument("--scales", type=parse_scales, default=DEEPLAB_SCALES,
                         help=f"random scales of the training images (default {format_scales(DEEPLAB_SCALES)})")
     recipe.add_argument("--scale_mode", choices=SCALE_MODES, default="choice",
@@ -134,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
                          inputs={"labels": labels_input}).fit()
     finally:
         destroy_distributed()
-    if context.is_main and not result.interrupted:
-        print(f"Next: python inference_segmentation.py --tag {config.tag} --domain val {dataset_flags(args)}")
+    finish_training(result, config.tag, context.is_main,
+                    f"python inference_segmentation.py --tag {config.tag} --domain val {dataset_flags(args)}")
 
 
 if __name__ == "__main__":

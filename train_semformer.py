@@ -18,7 +18,8 @@ from core.caae import CAAE
 from core.checkpoint import load_weights
 from core.losses import LossWeights, semformer_loss
 from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
-from tools.cli import add_dataset_args, dataset_flags, open_stage_data, run_main
+from tools.arguments import StageArgumentParser, non_negative_float, positive_int
+from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import CAMTestDataset, ClassificationDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
@@ -35,25 +36,25 @@ OVERLAY_BATCHES = 3  # CAM overlays of the first evaluation batches go to Tensor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = StageArgumentParser(description=__doc__)
     add_dataset_args(parser, domain="train_aug")
     add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
                     tag="SemFormer@CAAE@DeiT-B-Dist")
     add_semformer_args(parser)
     parser.add_argument("--ae_tag", required=True, help="the CAAE under experiments/models/ (train_caae.py)")
     add_caae_args(parser, prefix="ae_")
-    parser.add_argument("--min_image_size", type=int, default=224)
-    parser.add_argument("--max_image_size", type=int, default=896)
+    parser.add_argument("--min_image_size", type=positive_int, default=224)
+    parser.add_argument("--max_image_size", type=positive_int, default=896)
     parser.add_argument("--augment", default="colorjitter", help="colorjitter or '' (the original ignores "
                         "randomexpand for SemFormer)")
     weights = parser.add_argument_group("loss weights (paper defaults)")
     for name, value in vars(LossWeights()).items():
-        weights.add_argument(f"--{name}_weight", type=float, default=value)
+        weights.add_argument(f"--{name}_weight", type=non_negative_float, default=value)
     parser.add_argument("--masked_suppression", action="store_true",
                         help="fixed behaviour: activation suppression only over valid pixels and present "
                              "classes (the original counts padding as background)")
     parser.add_argument("--eval_domain", default="train", help="list with GT used for checkpoint selection")
-    parser.add_argument("--eval_batch_size", type=int, default=8)
+    parser.add_argument("--eval_batch_size", type=positive_int, default=8)
     parser.add_argument("--grad_checkpointing", action="store_true", help="trade compute for memory (timm)")
     return parser.parse_args(argv)
 
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                          inputs={"caae": model_input(data.paths.model(args.ae_tag))}).fit()
     finally:
         destroy_distributed()
-    if context.is_main and not result.interrupted:
-        print(f"Next: python inference_semformer.py --tag {config.tag} --domain train_aug {dataset_flags(args)}")
+    finish_training(result, config.tag, context.is_main,
+                    f"python inference_semformer.py --tag {config.tag} --domain train_aug {dataset_flags(args)}")
 
 
 def cam_overlay(image: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:

@@ -8,16 +8,15 @@ edge branch ``fc_edge1..6`` trains. The branch predicts edge logits at stride 4;
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from core.checkpoint import load_imagenet_weights
 from core.random_walk import PathIndex, edge_to_affinity
 
 BACKBONE_CHANNELS = {
@@ -28,35 +27,9 @@ BACKBONE_CHANNELS = {
 EDGE_UPSAMPLING = (1, 1, 2, 4, 4)  # stage stride / 4, with layer4 at stride 1
 EDGE_CHANNELS = 32
 EDGE_GROUPS = 4
-PRETRAINED_WEIGHTS = "IMAGENET1K_V1"  # the original torchvision ImageNet weights
 EDGE_MAP_MIN_SIZE = 512  # the original pads every inference image to 512x512
 EDGE_MAP_MULTIPLE = 16  # output stride of the backbone
 AFFINITY_LOSS_EPS = 1e-5
-
-
-def _load_pretrained(net: ResNet, backbone: str, pretrained: bool | str | Path) -> None:
-    """Load ImageNet weights into ``net`` (whose ``fc`` is removed): torchvision's (online) or a local file."""
-    if pretrained is True:
-        source = f"torchvision {backbone} {PRETRAINED_WEIGHTS}"
-        state = torchvision.models.get_model_weights(backbone)[PRETRAINED_WEIGHTS].get_state_dict(progress=True)
-    else:
-        path = Path(pretrained)
-        source = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"AffinityNet: pretrained weights file {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping):
-            raise ValueError(f"AffinityNet: {path} does not hold a state_dict (got {type(state).__name__})")
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-    try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as error:
-        raise ValueError(f"AffinityNet: weights in {source} do not fit a {backbone}: {error}") from error
-    if missing or unexpected:
-        raise ValueError(
-            f"AffinityNet: weights in {source} do not fit a {backbone}: "
-            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
 
 
 def _edge_layer(in_channels: int, upsampling: int) -> nn.Sequential:
@@ -76,8 +49,8 @@ class AffinityNet(nn.Module):
 
     Args:
         backbone: ``resnet50`` (the paper), ``resnet34`` or ``resnet18``.
-        pretrained: ``False`` (random init), ``True`` (torchvision's IMAGENET1K_V1, downloaded), or the
-            path of a local torchvision-layout ``.pth`` (``fc.*`` is ignored).
+        pretrained: ``none`` (random init), ``imagenet`` (torchvision's IMAGENET1K_V1, downloaded) or the
+            path of a local torchvision-layout ``.pth`` / ``.safetensors`` (``fc.*`` is ignored).
         path_index: the pairs ``affinity`` scores (the original trains with ``PathIndex(10, (128, 128))``).
             Its index arrays become non-persistent buffers: they follow ``.to(device)`` but stay out of
             checkpoints, which can thus be loaded whatever the path index.
@@ -86,7 +59,7 @@ class AffinityNet(nn.Module):
     def __init__(
         self,
         backbone: str = "resnet50",
-        pretrained: bool | str | Path = False,
+        pretrained: str = "none",
         path_index: PathIndex | None = None,
     ) -> None:
         super().__init__()
@@ -94,8 +67,8 @@ class AffinityNet(nn.Module):
             raise ValueError(f"AffinityNet: backbone must be one of {sorted(BACKBONE_CHANNELS)}, got {backbone!r}")
         net = getattr(torchvision.models, backbone)(weights=None, norm_layer=FrozenBatchNorm2d)
         del net.fc
-        if pretrained is not False:
-            _load_pretrained(net, backbone, pretrained)
+        if pretrained != "none":
+            load_imagenet_weights(net, backbone, str(pretrained))
 
         # layer4 at stride 1 without dilation: the stride sits on conv2 (Bottleneck) or conv1 (BasicBlock).
         first_block = net.layer4[0]

@@ -6,13 +6,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
+from torch import nn
 
 from tools.artifacts import ArtifactError
 
 SAFETENSORS_SUFFIX = ".safetensors"
 LISTED_KEYS = 10  # keys named per kind of problem in an error message
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # torchvision's original ImageNet weights of every ResNet
+TRACKING_SUFFIX = "num_batches_tracked"  # a BatchNorm counter FrozenBatchNorm2d does not keep
 
 
 class CheckpointError(ArtifactError):
@@ -33,7 +37,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch and safetensors raise many types for damaged files
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {error})") from error
+        first_line = str(error).strip().split("\n", 1)[0]
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {first_line})") from error
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
@@ -95,3 +100,32 @@ def load_weights(module: torch.nn.Module, path: str | Path, command: str | None 
     if not path.is_file() and command:
         raise CheckpointError(f"{path}: model file not found; make it first with:\n  {command}")
     load_strict(module, read_state_dict(path), path)
+
+
+def load_imagenet_weights(net: nn.Module, name: str, pretrained: str) -> None:
+    """``pretrained``: ``imagenet`` (torchvision's weights, downloaded once to the torch hub cache) or
+    the path of a local torchvision-layout ``.pth`` / ``.safetensors`` file (``fc.*`` is ignored)."""
+    if pretrained == "imagenet":
+        source = f"torchvision {name} {IMAGENET_WEIGHTS}"
+        try:
+            state = torchvision.models.get_model_weights(name)[IMAGENET_WEIGHTS].get_state_dict(progress=True)
+        except Exception as error:  # no network, proxy, damaged cache: urllib, OSError, RuntimeError...
+            raise CheckpointError(
+                f"cannot fetch the {source} weights ({type(error).__name__}: {error}); on an offline machine "
+                f"pass a local file with --pretrained PATH, or train from scratch with --pretrained none"
+            ) from error
+    else:
+        source = pretrained
+        if not Path(pretrained).is_file():
+            raise CheckpointError(f"{pretrained}: --pretrained file not found (give imagenet, none or a "
+                                  "local torchvision ResNet .pth / .safetensors)")
+        state = read_state_dict(pretrained)
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    expected = net.state_dict()
+    missing = [key for key in expected if key not in state and not key.endswith(TRACKING_SUFFIX)]
+    unexpected = [key for key in state if key not in expected and not key.endswith(TRACKING_SUFFIX)]
+    mismatched = [key for key in state if key in expected and state[key].shape != expected[key].shape]
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"{source}: the weights do not fit a {name}: missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}, shape mismatches {mismatched[:5]}")
+    net.load_state_dict(state, strict=False)

@@ -15,7 +15,6 @@ Every model returns logits ``(B, K, h, w)`` at stride 8 (V1, V2) or 4 (V3+); cal
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +23,12 @@ from torch import Tensor, nn
 from torchvision.models.resnet import ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
-from core.checkpoint import CheckpointError, read_state_dict
+from core.checkpoint import load_imagenet_weights
 
 ARCHITECTURES = ("deeplabv2", "deeplabv1", "deeplabv3plus")
 BN_MODES = ("frozen", "train")
 BACKBONE_STRIDE = {"deeplabv2": 8, "deeplabv1": 8, "deeplabv3plus": 16}
-IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # torchvision's original ImageNet weights of every ResNet
 BASIC_BLOCK_RESNETS = ("resnet18", "resnet34")
-TRACKING_SUFFIX = "num_batches_tracked"  # a BatchNorm counter FrozenBatchNorm2d does not keep
 
 V2_DILATIONS = (6, 12, 18, 24)
 V2_INIT_STD = 0.01
@@ -84,35 +81,6 @@ def dilated_resnet(name: str, output_stride: int, bn: str = "frozen") -> ResNet:
                       replace_stride_with_dilation=[False, output_stride == 8, True])
     del net.fc
     return net
-
-
-def load_imagenet_weights(net: ResNet, name: str, pretrained: str) -> None:
-    """``pretrained``: ``imagenet`` (torchvision's weights, downloaded once to the torch hub cache) or
-    the path of a local torchvision-layout ``.pth`` / ``.safetensors`` file (``fc.*`` is ignored)."""
-    if pretrained == "imagenet":
-        source = f"torchvision {name} {IMAGENET_WEIGHTS}"
-        try:
-            state = torchvision.models.get_model_weights(name)[IMAGENET_WEIGHTS].get_state_dict(progress=True)
-        except Exception as error:  # no network, proxy, damaged cache: urllib, OSError, RuntimeError...
-            raise CheckpointError(
-                f"cannot fetch the {source} weights ({type(error).__name__}: {error}); on an offline machine "
-                f"pass a local file with --pretrained PATH, or train from scratch with --pretrained none"
-            ) from error
-    else:
-        source = pretrained
-        if not Path(pretrained).is_file():
-            raise CheckpointError(f"{pretrained}: --pretrained file not found (give imagenet, none or a "
-                                  "local torchvision ResNet .pth / .safetensors)")
-        state = read_state_dict(pretrained)
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-    expected = net.state_dict()
-    missing = [key for key in expected if key not in state and not key.endswith(TRACKING_SUFFIX)]
-    unexpected = [key for key in state if key not in expected and not key.endswith(TRACKING_SUFFIX)]
-    mismatched = [key for key in state if key in expected and state[key].shape != expected[key].shape]
-    if missing or unexpected or mismatched:
-        raise CheckpointError(f"{source}: the weights do not fit a {name}: missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}, shape mismatches {mismatched[:5]}")
-    net.load_state_dict(state, strict=False)
 
 
 class ResNetFeatures(nn.Module):
@@ -232,7 +200,7 @@ class DeepLab(nn.Module):
         num_classes: K, background included.
         architecture: ``deeplabv2`` (the paper-table default), ``deeplabv1`` or ``deeplabv3plus``.
         backbone: any torchvision ResNet name (``resnet101`` for the recipes; resnet18/34 for tests).
-        pretrained: ``none``, ``imagenet`` or a local weights file (see ``load_imagenet_weights``).
+        pretrained: ``none``, ``imagenet`` or a local weights file (see ``core.checkpoint.load_imagenet_weights``).
         bn: ``frozen`` backbone BatchNorm (the recipes) or ``train``.
     """
 

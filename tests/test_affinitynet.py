@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from core.checkpoint import CheckpointError
 from core.affinitynet import AffinityNet, affinity_loss
 from core.random_walk import PathIndex, affinity_targets
 
@@ -181,9 +182,9 @@ def test_loads_local_torchvision_weights(tmp_path):
 
     wrong = tmp_path / "resnet34.pth"
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), wrong)
-    with pytest.raises(ValueError, match="resnet34.pth"):
-        AffinityNet("resnet18", pretrained=wrong)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
-        AffinityNet("resnet18", pretrained=tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="resnet34.pth: the weights do not fit a resnet18"):
+        AffinityNet("resnet18", pretrained=str(wrong))
+    with pytest.raises(CheckpointError, match="missing.pth: --pretrained file not found"):
+        AffinityNet("resnet18", pretrained=str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="backbone"):
         AffinityNet("vgg16")

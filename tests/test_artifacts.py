@@ -24,7 +24,7 @@ def test_npz_roundtrip_without_pickle(tmp_path):
     keys = np.array([0, 3, 7])
     cam = np.random.rand(2, 3, 4).astype(np.float32)
     artifacts.save_npz(path, keys=keys, cam=cam, hr_cam=cam)
-    loaded = artifacts.load_prediction(path)
+    loaded = artifacts.load_prediction(path, num_classes=8)
     np.testing.assert_array_equal(loaded["keys"], keys)
     np.testing.assert_array_equal(loaded["cam"], cam)
     assert [p.name for p in path.parent.iterdir()] == ["x.npz"]  # no temporary left behind
@@ -52,8 +52,8 @@ def test_legacy_npy_dict_needs_allow_pickle(tmp_path):
     path = tmp_path / "2007_000001.npy"
     np.save(path, {"keys": np.array([0, 5]), "hr_cam": np.ones((1, 2, 2), np.float32)})
     with pytest.raises(ArtifactError, match="--allow_pickle"):
-        artifacts.load_prediction(path)
-    assert artifacts.load_prediction(path, allow_pickle=True)["keys"].tolist() == [0, 5]
+        artifacts.load_prediction(path, num_classes=21)
+    assert artifacts.load_prediction(path, num_classes=21, allow_pickle=True)["keys"].tolist() == [0, 5]
     assert artifacts.prediction_file(tmp_path, "2007_000001") == path
 
 
@@ -62,7 +62,7 @@ def test_truncated_npz_is_a_clear_error(tmp_path):
     artifacts.save_npz(path, keys=np.array([0]))
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ArtifactError, match="cannot read prediction"):
-        artifacts.load_prediction(path)
+        artifacts.load_prediction(path, num_classes=21)
 
 
 def test_png_labels_palette_and_grayscale(tmp_path):

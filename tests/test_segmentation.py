@@ -22,6 +22,7 @@ from core.losses import segmentation_loss
 from core.multiscale import multiscale_probabilities
 from tests.cli_runner import REPO, run_failing, run_script
 from tools.artifacts import ArtifactError, load_label_png, save_png
+from tools.cli import EXIT_INTERRUPTED
 from tools.crf import DEEPLAB_KERNELS, ORIGINAL_KERNELS, parse_crf_setting
 from tools.dataset import VOCReader
 from tools.descriptor import load_descriptor
@@ -282,7 +283,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(synthetic_dataset, tmp_
     for line in process.stdout:
         if "[train] iteration=3," in line:
             process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=300) == 0
+    assert process.wait(timeout=300) == EXIT_INTERRUPTED  # stopped, checkpoint saved
     checkpoint = torch.load(tmp_path / "interrupted" / "models" / f"{TAG}.last.pth", weights_only=True)
     assert 3 <= checkpoint["global_step"] < 16
     run_script(*command, *interrupted, "--resume")

@@ -15,12 +15,13 @@ never leaves a truncated file that a rerun would mistake for a finished one.
 from __future__ import annotations
 
 import io
+import json
 import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,7 @@ from PIL import Image
 CAM_SUFFIX = ".npz"
 LEGACY_SUFFIX = ".npy"
 PNG_SUFFIX = ".png"
+CAM_STRIDE = 4  # the stride of the CAMs' 'cam' array and of the random walk's grid
 FILE_MODE = 0o666  # before the umask, as open() creates files
 
 
@@ -153,14 +155,28 @@ def prediction_file(directory: str | Path, image_id: str) -> Path:
     return legacy if not native.exists() and legacy.exists() else native
 
 
-def load_prediction(path: str | Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """Read a CAM or random-walk artifact into ``{'keys', 'cam'?, 'hr_cam'?, 'rw'?}``.
+def load_prediction(
+    path: str | Path,
+    num_classes: int,
+    *,
+    allow_pickle: bool = False,
+    image_size: tuple[int, int] | None = None,
+    require: tuple[str, ...] = (),
+) -> dict[str, np.ndarray]:
+    """Read a CAM or random-walk artifact into ``{'keys', 'cam'?, 'hr_cam'?, 'rw'?, 'rw_bg'?}``, checked.
 
     ``.npz`` files are read without pickle. The original repository's ``.npy`` files are pickled
     Python dicts: they are read only with ``allow_pickle=True`` (``--allow_pickle`` on the command
-    line), and torch tensors inside them are converted to numpy.
+    line), and torch tensors inside them are converted to numpy. Every reader goes through
+    ``check_prediction`` (``num_classes`` with background; ``image_size`` ``(H, W)`` of the photo if
+    known; ``require``: the arrays the caller needs), so a damaged file stops the stage naming it.
     """
-    path = Path(path)
+    content = _read_prediction(Path(path), allow_pickle)
+    check_prediction(content, path, num_classes, image_size, require)
+    return content
+
+
+def _read_prediction(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     if not path.exists():
         raise ArtifactError(f"{path}: prediction file not found")
     if path.suffix == LEGACY_SUFFIX:
@@ -171,16 +187,84 @@ def load_prediction(path: str | Path, allow_pickle: bool = False) -> dict[str, n
             )
         try:
             content = np.load(path, allow_pickle=True).item()
+            return {str(name): _to_numpy(value) for name, value in content.items()}
         except Exception as error:  # corrupt or not a dict: say which file
             raise ArtifactError(f"{path}: cannot read legacy prediction ({error})") from error
-        return {name: _to_numpy(value) for name, value in content.items()}
     try:
         with np.load(path, allow_pickle=False) as archive:
-            content = {name: archive[name] for name in archive.files}
+            return {name: archive[name] for name in archive.files}
     except Exception as error:
         raise ArtifactError(f"{path}: cannot read prediction ({error})") from error
-    if "keys" not in content:
-        raise ArtifactError(f"{path}: prediction has no 'keys' array")
+
+
+def check_prediction(
+    content: dict[str, np.ndarray],
+    path: str | Path,
+    num_classes: int,
+    image_size: tuple[int, int] | None = None,
+    require: tuple[str, ...] = (),
+) -> None:
+    """Raise ``ArtifactError`` naming ``path`` unless the arrays form a valid prediction.
+
+    ``keys`` ``(n + 1,)`` integer: 0 (background) first, then distinct class ids below ``num_classes``;
+    every score array present (``cam``, ``hr_cam``, ``rw``) is ``(n, h, w)`` floating point and finite;
+    ``rw_bg`` is ``(H, W)`` like ``rw``; with ``image_size`` ``(H, W)``, ``hr_cam`` and ``rw`` are
+    ``(n, H, W)`` and the stride-4 ``cam`` is ``(n, ceil(H/4), ceil(W/4))``.
+    """
+    absent = [name for name in ("keys", *require) if name not in content]
+    if absent:
+        raise ArtifactError(f"{path}: no '{absent[0]}' array (has {sorted(content)})")
+    keys = np.asarray(content["keys"])
+    if keys.ndim != 1 or len(keys) == 0 or not np.issubdtype(keys.dtype, np.integer):
+        raise ArtifactError(f"{path}: 'keys' must be a non-empty 1-D integer array, got {keys.dtype} {keys.shape}")
+    classes = keys[1:]
+    if keys[0] != 0 or (classes.size and (classes.min() < 1 or classes.max() >= num_classes)) \
+            or len(np.unique(classes)) != len(classes):
+        raise ArtifactError(f"{path}: keys {keys.tolist()} must be 0 then distinct class ids in 1..{num_classes - 1} "
+                            f"(the dataset has {num_classes} classes)")
+    expected = {"hr_cam": image_size, "rw": image_size,
+                "cam": None if image_size is None else tuple(-(-side // CAM_STRIDE) for side in image_size)}
+    for name, size in expected.items():
+        if name in content:
+            _check_scores(content[name], name, path, len(classes), size)
+    if "rw_bg" in content:
+        background = np.asarray(content["rw_bg"])
+        _check_finite(background, "rw_bg", path)
+        if "rw" not in content or background.shape != np.shape(content["rw"])[1:]:
+            raise ArtifactError(f"{path}: 'rw_bg' {background.shape} must be the (H, W) of its 'rw' array")
+
+
+def _check_scores(maps: np.ndarray, name: str, path: str | Path, channels: int, size: tuple[int, ...] | None) -> None:
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or len(maps) != channels:
+        raise ArtifactError(f"{path}: '{name}' {maps.shape} must be (n, H, W) with n = {channels} channels, "
+                            f"one per class of its keys")
+    if size is not None and maps.shape[1:] != tuple(size):
+        raise ArtifactError(f"{path}: '{name}' is {maps.shape[1]}x{maps.shape[2]} but the image needs "
+                            f"{size[0]}x{size[1]}")
+    _check_finite(maps, name, path)
+
+
+def _check_finite(values: np.ndarray, name: str, path: str | Path) -> None:
+    if not np.issubdtype(values.dtype, np.floating):
+        raise ArtifactError(f"{path}: '{name}' must hold floating-point scores, got {values.dtype}")
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise ArtifactError(f"{path}: '{name}' has {bad} non-finite values (NaN or inf)")
+
+
+def read_json(path: str | Path, what: str, default: Any = None) -> Any:
+    """A JSON file's content (``default`` if the file does not exist); a damaged or non-object file is an
+    ``ArtifactError`` naming it and ``what`` it should hold."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path}: unreadable {what} ({error}); delete or repair it") from error
+    if not isinstance(content, dict):
+        raise ArtifactError(f"{path}: the {what} must be a JSON object, found a JSON {type(content).__name__}")
     return content
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from tools.arguments import StageArgumentParser
 from tools.artifacts import CAM_SUFFIX, save_npz
 from tools.cli import add_dataset_args, open_stage_data, run_main
 from tools.provenance import claim_output_folder, run_record
@@ -59,7 +60,7 @@ def baseline_cams(kind: str, label: np.ndarray, height: int, width: int) -> dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = StageArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.HelpFormatter)
     add_dataset_args(parser)
     parser.add_argument("--kind", choices=KINDS, default="centre",
                         help="centre: a centred Gaussian per present class; uniform: 1 everywhere")

@@ -1,19 +1,40 @@
-"""Command-line pieces every stage script shares: dataset selection and experiment folders."""
+"""Command-line pieces every stage script shares: dataset selection, experiment folders and exit statuses.
+
+Exit statuses of every script (``run_main``):
+
+- 0: done;
+- 1 (``EXIT_ERROR``): bad input, a one-line ``error: <file or flag>: <problem>`` on stderr;
+- 2 (``EXIT_USAGE``): bad flags (argparse's usage error, or flags that do not fit together);
+- 3 (``EXIT_INTERRUPTED``): a training run stopped by SIGINT/SIGTERM after saving its checkpoint:
+  the same command plus ``--resume`` continues it;
+- 130 (``EXIT_ABORTED``): stopped at once by a second Ctrl-C / SIGTERM (the step in progress is lost;
+  finished files and the last checkpoint are intact).
+"""
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
+from tools.arguments import UsageError, positive_int
 from tools.artifacts import ArtifactError, ExperimentPaths
 from tools.dataset import VOCReader
 from tools.descriptor import DEFAULT_DESCRIPTOR, DatasetDescriptor, DatasetError, load_descriptor, read_id_list
 from tools.parallel import default_jobs
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
+EXIT_ABORTED = 130
+WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+class TrainingInterrupted(Exception):
+    """A training run stopped by a signal after saving its checkpoint (exit status ``EXIT_INTERRUPTED``)."""
 
 
 def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> None:
@@ -39,7 +60,8 @@ def add_output_args(parser: argparse.ArgumentParser, reads_predictions: bool = T
 
 
 def add_jobs_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n_jobs", type=int, default=default_jobs(), help="worker processes (default: all cores)")
+    parser.add_argument("--n_jobs", type=positive_int, default=default_jobs(),
+                        help="worker processes (default: all cores)")
 
 
 @dataclass(frozen=True)
@@ -60,21 +82,10 @@ def open_stage_data(args: argparse.Namespace) -> StageData:
     return StageData(descriptor, reader, ids, ExperimentPaths(Path(args.experiments_dir)))
 
 
-def parse_scales(text: str) -> tuple[float, ...]:
-    """argparse type of a comma-separated list of positive scales: ``'0.5,1.0'`` -> ``(0.5, 1.0)``."""
-    try:
-        scales = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not scales or min(scales) <= 0:
-        raise argparse.ArgumentTypeError(f"scales must be positive, got {text!r}")
-    return scales
-
-
 def shard(ids: list[str], start: float, end: float) -> list[str]:
     """The ``[start, end)`` fraction of an id list, as the original's ``--start/--end``."""
     if not 0.0 <= start < end <= 1.0:
-        raise ValueError(f"--start/--end must satisfy 0 <= start < end <= 1, got {start}, {end}")
+        raise UsageError(f"--start/--end must satisfy 0 <= start < end <= 1, got {start}, {end}")
     return ids[int(len(ids) * start): int(len(ids) * end)]
 
 
@@ -83,26 +94,80 @@ def dataset_flags(args: argparse.Namespace) -> str:
     flags = f"--dataset {args.dataset}"
     if args.data_dir:
         flags += f" --data_dir {args.data_dir}"
+    if args.list:
+        flags += f" --list {args.list}"
     if args.experiments_dir != "experiments":
         flags += f" --experiments_dir {args.experiments_dir}"
     return flags
 
 
+def finish_training(result: object, tag: str, is_main: bool, next_command: str) -> None:
+    """End of a training script: print the next stage's command, or raise ``TrainingInterrupted``
+    (exit status 3) if a signal stopped the run, so a driver can tell it from a finished one."""
+    if getattr(result, "interrupted"):
+        raise TrainingInterrupted(f"training of {tag} stopped at iteration {getattr(result, 'global_step')} "
+                                  "with its checkpoint saved; continue with the same command plus --resume")
+    if is_main:
+        print(f"Next: {next_command}")
+
+
+def error_message(error: BaseException) -> str:
+    """The message of an error; for one re-raised from a DataLoader worker, the worker's own message
+    (torch puts the worker's traceback in front of it)."""
+    text = str(error)
+    if WORKER_TRACEBACK not in text:
+        return text
+    marker = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return text[text.rindex(marker) + len(marker):].strip() if marker in text else text.strip().splitlines()[-1]
+
+
+def evaluation_domain(descriptor: DatasetDescriptor, args: argparse.Namespace) -> str:
+    """The domain a printed ``evaluate.py`` command should score: ``train`` for ``train_aug``, whose
+    extra SBD images have no mask in VOC's ``SegmentationClass``."""
+    if args.domain == "train_aug" and "train" in descriptor.lists and not args.list:
+        return "train"
+    return args.domain
+
+
+ABORT_MESSAGE = ("aborted: stopped at once by a second interrupt; finished files and the last checkpoint are "
+                 "intact, rerun the same command (plus --resume for training) to continue")
+
+
+def _ignore_interrupts() -> None:
+    """For the exit itself: a late Ctrl-C would otherwise kill the exiting process with a signal status
+    instead of the status the script chose (its DataLoader workers are killed at exit, so it cannot hang)."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
+
+
+def _outcome(error: BaseException) -> tuple[int, str] | None:
+    """Exit status and message of an exception that ends a script, None for one that is a bug."""
+    if isinstance(error, (DatasetError, ArtifactError)):
+        return EXIT_ERROR, f"error: {error_message(error)}"
+    if isinstance(error, UsageError):
+        return EXIT_USAGE, f"error: {error}"
+    if isinstance(error, TrainingInterrupted):
+        return EXIT_INTERRUPTED, f"interrupted: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_ABORTED, ABORT_MESSAGE
+    return None
+
+
 def run_main(main: Callable[[], object]) -> None:
-    """Run a script's ``main``; bad input (a named file or argument) exits with its message, no traceback."""
+    """Run a script's ``main`` and exit with the statuses of the module docstring: bad input (a named
+    file or argument) and interruptions end with one line on stderr, never a traceback. Once ``main``
+    has ended, a further Ctrl-C / SIGTERM no longer changes how it ends."""
     try:
         main()
-    except (DatasetError, ArtifactError) as error:
-        sys.exit(f"error: {error}")
-
-
-def inference_device(requested: str | None = None) -> torch.device:
-    """``--device`` if given, else this torchrun rank's GPU (``LOCAL_RANK``), else the CPU."""
-    if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    except BaseException as error:
+        _ignore_interrupts()
+        outcome = _outcome(error)
+        if outcome is None:
+            raise
+        status, message = outcome
+        print(f"\n{message}" if status == EXIT_ABORTED else message, file=sys.stderr)
+        sys.exit(status)
+    _ignore_interrupts()
 
 
 def process_rank() -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_DESCRIPTOR = Path(__file__).resolve().parent.parent / "data" / "voc12" / "dataset.json"
+MAX_LABEL_VALUE = 255  # label maps are uint8 PNGs
+FOLDER_KEYS = ("image_dir", "annotation_dir", "mask_dir", "aug_mask_dir")
 
 
 class DatasetError(ValueError):
@@ -94,51 +96,84 @@ class DatasetDescriptor:
 
 
 def read_id_list(path: str | Path) -> list[str]:
-    """One id per line; blank lines skipped. An empty or missing list is an error."""
+    """One id per line (the first word; blank lines skipped). An empty or missing list, or an id that is
+    not a plain file name (every stage writes ``<folder>/<id>.<suffix>``), is an error."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: list file not found")
-    ids = [line.strip().split()[0] for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not a text list of ids ({error})") from error
+    ids = [line.split()[0] for line in lines if line.strip()]
     if not ids:
         raise DatasetError(f"{path}: list file is empty")
+    for number, image_id in enumerate(ids, start=1):
+        check_image_id(image_id, f"{path}, id {number}")
     return ids
 
 
+def check_image_id(image_id: str, where: str) -> None:
+    """An id must be a plain file name: no path separator, not ``.``/``..``, no hidden-file dot first."""
+    if not image_id or "/" in image_id or "\\" in image_id or "\0" in image_id or image_id.startswith("."):
+        raise DatasetError(f"{where}: id {image_id!r} is not a plain file name (no '/', '\\', or leading '.')")
+
+
 def load_descriptor(path: str | Path = DEFAULT_DESCRIPTOR) -> DatasetDescriptor:
-    """Read a descriptor JSON; relative paths in it are relative to the JSON file."""
+    """Read and check a descriptor JSON; relative paths in it are relative to the JSON file."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: dataset descriptor not found")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not valid JSON ({error})") from error
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: a descriptor is a JSON object with class_names, lists, ...; "
+                           f"found a JSON {type(raw).__name__}")
     names = raw.get("class_names")
-    if not isinstance(names, list) or len(names) < 2:
-        raise DatasetError(f"{path}: 'class_names' must list the background and at least one class")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(name, str) for name in names):
+        raise DatasetError(f"{path}: 'class_names' must list the background and at least one class, as strings")
     if len(set(names)) != len(names):
         raise DatasetError(f"{path}: 'class_names' has duplicates")
     base = path.parent
-    lists = {domain: base / name for domain, name in raw.get("lists", {}).items()}
+    lists = raw.get("lists", {})
+    if not isinstance(lists, dict) or not all(isinstance(name, str) for name in lists.values()):
+        raise DatasetError(f"{path}: 'lists' must map domains to list files, e.g. {{\"train\": \"train.txt\"}}")
+    ignore_index = raw.get("ignore_index", 255)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
+            or not len(names) <= ignore_index <= MAX_LABEL_VALUE:
+        raise DatasetError(f"{path}: 'ignore_index' must be an integer in {len(names)}..{MAX_LABEL_VALUE} "
+                           f"(above the class ids, within a PNG label), got {ignore_index!r}")
+    for key in ("name", "data_dir", *FOLDER_KEYS):
+        if key in raw and not isinstance(raw[key], str):
+            raise DatasetError(f"{path}: '{key}' must be a string, got {raw[key]!r}")
     data_dir = raw.get("data_dir")
-    palette = raw.get("palette", "voc")
-    if palette != "voc":
-        if not isinstance(palette, list) or any(len(colour) != 3 for colour in palette):
-            raise DatasetError(f"{path}: 'palette' must be \"voc\" or a list of [r, g, b] triples")
-        palette = tuple(tuple(int(v) for v in colour) for colour in palette)
     return DatasetDescriptor(
         path=path,
         name=raw.get("name", path.parent.name),
         class_names=tuple(names),
-        ignore_index=int(raw.get("ignore_index", 255)),
+        ignore_index=ignore_index,
         data_dir=(base / data_dir).resolve() if data_dir is not None else None,
-        image_dir=raw.get("image_dir", "JPEGImages"),
-        annotation_dir=raw.get("annotation_dir", "Annotations"),
-        mask_dir=raw.get("mask_dir", "SegmentationClass"),
-        aug_mask_dir=raw.get("aug_mask_dir", "SegmentationClassAug"),
-        lists=lists,
-        palette_spec=palette,
+        lists={domain: base / name for domain, name in lists.items()},
+        palette_spec=_palette_spec(raw.get("palette", "voc"), path),
+        **{key: raw[key] for key in FOLDER_KEYS if key in raw},
     )
+
+
+def _palette_spec(palette: object, path: Path) -> str | tuple[tuple[int, int, int], ...]:
+    """``"voc"`` or a list of ``[r, g, b]`` triples of integers in 0..255."""
+    if palette == "voc":
+        return "voc"
+    valid = isinstance(palette, list) and len(palette) <= MAX_LABEL_VALUE + 1 and all(
+        isinstance(colour, list) and len(colour) == 3
+        and all(isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LABEL_VALUE
+                for value in colour)
+        for colour in palette)
+    if not valid:
+        raise DatasetError(f"{path}: 'palette' must be \"voc\" or at most 256 [r, g, b] triples of integers "
+                           "in 0..255")
+    return tuple(tuple(colour) for colour in palette)
 
 
 def write_descriptor(

@@ -7,6 +7,7 @@ collective below is a no-op, so scripts call them unconditionally.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -96,3 +97,35 @@ def gather_to_all(value: Any, context: DistContext) -> list[Any]:
     gathered: list[Any] = [None] * context.world_size
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def inference_device(requested: str | None = None) -> torch.device:
+    """``--device`` if given (checked by ``parse_device``), else this torchrun rank's GPU (``LOCAL_RANK``),
+    else the CPU."""
+    if requested:
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def parse_device(text: str) -> str:
+    """argparse type of ``--device``: a torch device name that exists on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
+    return text
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device`` of an inference script (default: this rank's GPU, else the CPU)."""
+    parser.add_argument("--device", type=parse_device, default=None, help="default: this rank's GPU, else the CPU")

@@ -48,7 +48,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from tools.artifacts import ArtifactError, ExperimentPaths, atomic_path, atomic_write_text
+from tools.arguments import (UsageError, non_negative_float, non_negative_int, parse_bool, positive_float,
+                             positive_int)
+from tools.artifacts import ArtifactError, ExperimentPaths, atomic_path, atomic_write_text, read_json
 from tools.checkpoint import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
                               restore_rng_state, save_checkpoint)
 from tools.distributed import DistContext, any_rank, gather_to_all, mean_over_ranks
@@ -100,21 +102,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.tag:
-            raise ValueError("--tag must not be empty: it names the model, logs and checkpoint")
+            raise UsageError("--tag must not be empty: it names the model, logs and checkpoint")
         if (self.max_epoch is None) == (self.max_iters is None):
-            raise ValueError("give exactly one of max_epoch and max_iters")
+            raise UsageError("give exactly one of max_epoch and max_iters")
         for name in ("max_epoch", "max_iters", "batch_size", "eval_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1, got {value}")
+                raise UsageError(f"--{name} must be >= 1, got {value}")
         if self.amp not in AMP_CHOICES:
-            raise ValueError(f"--amp must be one of {AMP_CHOICES}, got {self.amp!r}")
+            raise UsageError(f"--amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.resume and self.overwrite:
-            raise ValueError("--resume continues the tag's run and --overwrite starts it again: give one")
+            raise UsageError("--resume continues the tag's run and --overwrite starts it again: give one")
         if self.select_by not in SELECT_CHOICES:
-            raise ValueError(f"--select_by must be one of {SELECT_CHOICES}, got {self.select_by!r}")
+            raise UsageError(f"--select_by must be one of {SELECT_CHOICES}, got {self.select_by!r}")
         if not 0.0 < self.print_ratio <= 1.0:
-            raise ValueError(f"--print_ratio must be in (0, 1], got {self.print_ratio}")
+            raise UsageError(f"--print_ratio must be in (0, 1], got {self.print_ratio}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TrainConfig:
@@ -134,16 +136,6 @@ class TrainConfig:
         return ExperimentPaths(Path(self.experiments_dir))
 
 
-def parse_bool(text: str) -> bool:
-    """``--nesterov True`` as in the original's ``str2bool``."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-
-
 def add_engine_args(
     parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wd: float, num_workers: int,
     max_epoch: int | None = None, max_iters: int | None = None, tag: str | None = None, select_by: str = "gt",
@@ -161,38 +153,39 @@ def add_engine_args(
     group = parser.add_argument_group("training engine")
     group.add_argument("--tag", default=tag, required=tag is None,
                        help="experiment name: models/<tag>.pth, logs/<tag>.*, tensorboards/<tag>/")
-    group.add_argument("--batch_size", type=int, default=batch_size,
+    group.add_argument("--batch_size", type=positive_int, default=batch_size,
                        help="global batch over all processes and accumulation steps")
     if (max_epoch is None) == (max_iters is None):
         raise ValueError("add_engine_args needs exactly one of max_epoch and max_iters")
     if max_iters is None:
-        group.add_argument("--max_epoch", type=int, default=max_epoch)
+        group.add_argument("--max_epoch", type=positive_int, default=max_epoch)
     else:
-        group.add_argument("--max_iters", type=int, default=max_iters, help="optimiser steps in all")
+        group.add_argument("--max_iters", type=positive_int, default=max_iters, help="optimiser steps in all")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                        help="sgd (the original's) or adamw (which ignores --momentum and --nesterov)")
-    group.add_argument("--lr", type=float, default=lr, help="base lr (x1/2/10/20 per parameter group)")
-    group.add_argument("--wd", type=float, default=wd, help="weight decay")
-    group.add_argument("--momentum", type=float, default=momentum,
+    group.add_argument("--lr", type=positive_float, default=lr, help="base lr (x1/2/10/20 per parameter group)")
+    group.add_argument("--wd", type=non_negative_float, default=wd, help="weight decay")
+    group.add_argument("--momentum", type=non_negative_float, default=momentum,
                        help="SGD momentum" + ("; default: the original's quirk, momentum = --wd (0.9 = the fix)"
                                               if momentum is None else ""))
     group.add_argument("--nesterov", type=parse_bool, default=nesterov)
-    group.add_argument("--accum_steps", type=int, default=1,
+    group.add_argument("--accum_steps", type=positive_int, default=1,
                        help="split each global batch into this many micro-batches per process")
     group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                        help="mixed precision; auto = bf16 on CUDA, off on CPU")
-    group.add_argument("--num_workers", type=int, default=num_workers)
+    group.add_argument("--num_workers", type=non_negative_int, default=num_workers)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--print_ratio", type=float, default=0.1, help="log every this fraction of an epoch")
-    group.add_argument("--eval_every", type=int, default=1,
+    group.add_argument("--eval_every", type=positive_int, default=1,
                        help="evaluate (and select the model) every N epochs and after the last one")
     group.add_argument("--select_by", choices=(best_choice, "last"),
                        default=best_choice if select_by == "gt" else "last",
                        help=f"{best_choice}: keep the model with the best evaluation score; last: the final epoch's")
-    group.add_argument("--resume", action="store_true",
-                       help="continue the run from models/<tag>.last.pth (same flags otherwise)")
-    group.add_argument("--overwrite", action="store_true",
-                       help="train from scratch on a tag that already holds a model or checkpoint, replacing them")
+    restart = group.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true",
+                         help="continue the run from models/<tag>.last.pth (same flags otherwise)")
+    restart.add_argument("--overwrite", action="store_true",
+                         help="train from scratch on a tag that already holds a model or checkpoint, replacing them")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -233,6 +226,19 @@ def _plain_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
         raise KeyError(f"evaluate must return a dict with a 'score' entry, got keys {sorted(metrics)}")
     return {name: value.tolist() if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) else value
             for name, value in metrics.items()}
+
+
+@contextmanager
+def epoch_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """The loader's iterator, whose workers are shut down when the block ends, also on an error
+    (a traceback keeps the iterator alive, and with it workers that would outlive the run)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
 
 
 class _IntervalMeter:
@@ -294,7 +300,7 @@ class Trainer:
         inputs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if evaluate is None and config.select_by == "gt":
-            raise ValueError("--select_by gt needs an evaluation; this script has none, use --select_by last")
+            raise UsageError("--select_by gt needs an evaluation; this script has none, use --select_by last")
         self.config, self.context, self.paths = config, context, config.paths
         self._refuse_finished_tag()
         self.model_config = None if model_config is None else {
@@ -306,7 +312,7 @@ class Trainer:
         self.dataset_size = len(dataset)
         self.steps_per_epoch = self.dataset_size // config.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set has {self.dataset_size} samples, fewer than --batch_size "
+            raise UsageError(f"the training set has {self.dataset_size} samples, fewer than --batch_size "
                              f"{config.batch_size}")
         self.max_step = config.max_iters or self.steps_per_epoch * config.max_epoch
         self.num_epochs = -(-self.max_step // self.steps_per_epoch)  # the last one may be partial
@@ -389,17 +395,17 @@ class Trainer:
         """Optimiser steps to the end of the epoch (or of training); True if a stop signal ended it early."""
         self.dataset.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
-        batches = iter(self.loader)
-        while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.max_step:
-            values = self._optimizer_step(batches)
-            self.step_in_epoch += 1
-            self.global_step += 1
-            self._interval.add(values)
-            self.logger.advance(self.global_step, {"loss": values["loss"]})
-            if self.global_step % self.log_interval == 0:
-                self._log_interval()
-            if any_rank(self._stop_signal is not None, self.context):
-                return True
+        with epoch_batches(self.loader) as batches:
+            while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.max_step:
+                values = self._optimizer_step(batches)
+                self.step_in_epoch += 1
+                self.global_step += 1
+                self._interval.add(values)
+                self.logger.advance(self.global_step, {"loss": values["loss"]})
+                if self.global_step % self.log_interval == 0:
+                    self._log_interval()
+                if any_rank(self._stop_signal is not None, self.context):
+                    return True
         return False
 
     def _optimizer_step(self, batches: Iterator[Any]) -> dict[str, float]:
@@ -481,7 +487,7 @@ class Trainer:
         """``"finished": true`` in ``<tag>.json`` once the last iteration is done (the weights stay)."""
         path = self.paths.model_config(self.config.tag)
         if self.model_config is not None and path.is_file():
-            content = json.loads(path.read_text())
+            content = read_json(path, "model description")
             atomic_write_text(path, json.dumps({**content, "finished": True}, indent=2) + "\n")
 
     def _refuse_finished_tag(self) -> None:

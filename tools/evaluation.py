@@ -132,32 +132,26 @@ def threshold_labels(scores: np.ndarray, thresholds: tuple[float, ...]) -> np.nd
     return np.where(best_score[None] > levels, best_index[None], 0).astype(np.int64)
 
 
-def _prediction_maps(config: EvaluationConfig, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _prediction_maps(config: EvaluationConfig, path: Path, image_size: tuple[int, int]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``keys (n+1,)``, class maps ``(n, H, W)`` and the propagated background ``(H, W)`` if any."""
-    content = load_prediction(path, allow_pickle=config.allow_pickle)
+    content = load_prediction(path, config.num_classes, allow_pickle=config.allow_pickle, image_size=image_size)
     name = "hr_cam" if config.mode == "npy" and "hr_cam" in content else "rw"
     if name not in content:
         raise ArtifactError(f"{path}: no '{name}' array (has {sorted(content)})")
-    if "keys" not in content:
-        raise ArtifactError(f"{path}: no 'keys' array (has {sorted(content)})")
-    keys = np.asarray(content["keys"]).astype(np.int64).reshape(-1)
+    keys = np.asarray(content["keys"]).astype(np.int64)
     maps = np.asarray(content[name])
-    if maps.ndim != 3 or len(keys) != len(maps) + 1:
-        raise ArtifactError(f"{path}: '{name}' {maps.shape} does not match keys of length {len(keys)}")
-    if keys.min() < 0 or keys.max() >= config.num_classes:
-        raise ArtifactError(
-            f"{path}: keys {keys.tolist()} fall outside the dataset's {config.num_classes} classes"
-        )
     background = content.get("rw_bg") if name == "rw" else None
     return keys, maps, background
 
 
-def predict_labels(config: EvaluationConfig, image_id: str) -> np.ndarray:
-    """Class maps ``(T, H, W)`` of one image, one per threshold (``T = 1`` in ``png`` mode)."""
+def predict_labels(config: EvaluationConfig, image_id: str, image_size: tuple[int, int]) -> np.ndarray:
+    """Class maps ``(T, H, W)`` of one image of size ``(H, W)`` (its GT mask's), one per threshold
+    (``T = 1`` in ``png`` mode)."""
     path = config.prediction_path(image_id)
     if config.mode == "png":
         return load_label_png(path)[None]
-    keys, maps, background = _prediction_maps(config, path)
+    keys, maps, background = _prediction_maps(config, path, image_size)
     if background is None:
         local = threshold_labels(maps, config.thresholds)
     else:  # a random walk with a propagated background channel needs no threshold
@@ -181,7 +175,7 @@ def score_image(config: EvaluationConfig, image_id: str) -> np.ndarray:
     """Confusion stack ``(T, C, C + 1)`` of one image (the worker function)."""
     gt_path = config.gt_path(image_id)
     gt = load_label_png(gt_path)
-    predictions = predict_labels(config, image_id)
+    predictions = predict_labels(config, image_id, gt.shape)
     if predictions.shape[1:] != gt.shape:
         raise ArtifactError(
             f"{config.prediction_path(image_id)}: prediction size {predictions.shape[1:]} differs from "

@@ -21,6 +21,7 @@ from torch import Tensor
 from core.caae import CAAE
 from core.checkpoint import CheckpointError, compare_state_dicts, read_state_dict
 from core.semformer import SEGMENTOR_PREFIX, SemFormerSegmentor
+from tools.arguments import StageArgumentParser
 from tools.artifacts import atomic_path
 from tools.cli import run_main
 
@@ -103,7 +104,7 @@ def import_checkpoint(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = StageArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.HelpFormatter)
     parser.add_argument("--kind", choices=KINDS, required=True, help="which original checkpoint this is")
     parser.add_argument("input", type=Path, help="the original checkpoint (.pth)")
     parser.add_argument("output", type=Path, help="where to write this project's state dict (.pth)")

@@ -9,6 +9,8 @@ Two properties make a run repeatable and resumable to the bit:
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import random
 import signal
 from contextlib import contextmanager
@@ -17,6 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from tools.arguments import UsageError
 
 NUMPY_SEED_MODULUS = 2**32
 
@@ -100,10 +104,10 @@ class EpochSampler(Sampler[int]):
 def micro_batch_size(batch_size: int, world_size: int, accum_steps: int) -> int:
     """Per-rank micro-batch: the global ``batch_size`` split over ranks and accumulation steps."""
     if accum_steps < 1:
-        raise ValueError(f"--accum_steps must be >= 1, got {accum_steps}")
+        raise UsageError(f"--accum_steps must be >= 1, got {accum_steps}")
     parts = world_size * accum_steps
     if batch_size % parts != 0:
-        raise ValueError(
+        raise UsageError(
             f"--batch_size {batch_size} (the global batch) is not divisible by world_size {world_size} x "
             f"--accum_steps {accum_steps} = {parts}; choose a batch size or --accum_steps that divides"
         )
@@ -111,7 +115,22 @@ def micro_batch_size(batch_size: int, world_size: int, accum_steps: int) -> int:
 
 
 def ignore_interrupts_in_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM so the main process can finish its
-    step and save a checkpoint; they still exit when the main process does."""
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM (a Ctrl-C reaches the whole process
+    group, a cluster's SIGTERM every process of the job), so the main process can finish its step and
+    save a checkpoint. They exit when the main process ends its iterator, and ``stop_workers_at_exit``
+    kills any left when it exits."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers_at_exit() -> None:
+    """Kill the child processes still running when this process exits (after an error or a second
+    Ctrl-C a DataLoader iterator may not have shut its workers down). Without this, the exit would wait
+    forever: ``multiprocessing`` stops children with SIGTERM, which the workers ignore."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
+
+
+# Registered after torch imported multiprocessing, so it runs before multiprocessing's own exit handler.
+atexit.register(stop_workers_at_exit)

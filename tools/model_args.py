@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from core.backbone import CAAE_BACKBONE, SEMFORMER_BACKBONE
-from tools.artifacts import ArtifactError, atomic_write_text
+from tools.arguments import positive_int
+from tools.artifacts import ArtifactError, atomic_write_text, read_json
 
 VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
 
@@ -20,10 +21,10 @@ VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
 def _add_vit_args(parser: argparse.ArgumentParser, prefix: str, backbone: str, image_size: int) -> None:
     group = parser.add_argument_group(f"{prefix or 'model'} architecture")
     group.add_argument(f"--{prefix}backbone", default=backbone, help="timm ViT / DeiT name")
-    group.add_argument(f"--{prefix}image_size", type=int, default=image_size,
+    group.add_argument(f"--{prefix}image_size", type=positive_int, default=image_size,
                        help="training size; the patch position grid is resized to it")
     for name in VIT_OVERRIDES:
-        group.add_argument(f"--{prefix}vit_{name}", type=int, default=None,
+        group.add_argument(f"--{prefix}vit_{name}", type=positive_int, default=None,
                            help=f"override the timm model's {name} (tiny test / demo models)")
     group.add_argument(f"--{prefix}pretrained", action="store_true",
                        help="download timm's ImageNet weights (needs internet)")
@@ -43,7 +44,7 @@ def _vit_config(args: argparse.Namespace, prefix: str) -> dict:
 def add_semformer_args(parser: argparse.ArgumentParser) -> None:
     """SemFormer segmentor flags (paper: DeiT-S at 448 px, class dim 256, token-wise dropout)."""
     _add_vit_args(parser, "", SEMFORMER_BACKBONE, 448)
-    parser.add_argument("--class_dim", type=int, default=256)
+    parser.add_argument("--class_dim", type=positive_int, default=256)
     parser.add_argument("--seg_dropout", choices=("token", "channel"), default="token",
                         help="token: the original's Dropout2d on (B, N, D), which drops whole tokens")
 
@@ -56,12 +57,12 @@ def semformer_config(args: argparse.Namespace) -> dict:
 def add_caae_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """CAAE flags (paper: DeiT-B distilled at 224 px, 8-block decoder of width 768)."""
     _add_vit_args(parser, prefix, CAAE_BACKBONE, 224)
-    parser.add_argument(f"--{prefix}decoder_width", type=int, default=768)
-    parser.add_argument(f"--{prefix}decoder_depth", type=int, default=8)
-    parser.add_argument(f"--{prefix}decoder_heads", type=int, default=12)
+    parser.add_argument(f"--{prefix}decoder_width", type=positive_int, default=768)
+    parser.add_argument(f"--{prefix}decoder_depth", type=positive_int, default=8)
+    parser.add_argument(f"--{prefix}decoder_heads", type=positive_int, default=12)
     parser.add_argument(f"--{prefix}reduction", choices=("sum", "mean"), default="sum")
     if not prefix:
-        parser.add_argument("--class_dim", type=int, default=256)
+        parser.add_argument("--class_dim", type=positive_int, default=256)
 
 
 def caae_config(args: argparse.Namespace, prefix: str = "") -> dict:
@@ -96,9 +97,9 @@ def save_model_config(model_path: Path, kind: str, num_classes: int, config: dic
 def load_model_config(model_path: Path, kind: str, fallback: dict) -> dict:
     """The saved keyword arguments of a model, or ``fallback`` (the flags) if none were saved."""
     path = config_path(model_path)
-    if not path.is_file():
+    content = read_json(path, "model description")
+    if content is None:
         return dict(fallback)
-    content = json.loads(path.read_text())
     found = content.pop("kind", kind)
     if found != kind:
         raise ArtifactError(f"{path}: describes a '{found}' model, expected '{kind}'")

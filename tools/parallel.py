@@ -33,14 +33,19 @@ def parallel_map(
     else:
         pool = multiprocessing.get_context("fork").Pool(min(n_jobs, len(items)))
         results = pool.imap(function, items, chunksize=chunksize)
+    finished = False
     try:
         for result in results:
             progress.update()
             yield result
+        finished = True
     finally:
         progress.close()
         if pool is not None:
-            pool.terminate()
+            if finished:  # let the workers exit by themselves: no signal needed
+                pool.close()
+            else:
+                pool.terminate()
             pool.join()
 
 

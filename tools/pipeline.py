@@ -22,14 +22,17 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from tools.artifacts import ArtifactError, ExperimentPaths, atomic_write_text, missing_ids
+from tools.artifacts import ArtifactError, ExperimentPaths, atomic_write_text, missing_ids, read_json
+from tools.cli import EXIT_INTERRUPTED
 from tools.descriptor import load_descriptor
 from tools.provenance import read_run, stale_reasons
 
@@ -38,6 +41,8 @@ RECIPES = REPOSITORY / "data" / "recipes"
 PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "12/50 [00:03<00:09, ...]"
 QUIET_PROGRESS_SECONDS = 30.0  # progress lines when the terminal is not interactive
 FAILURE_TAIL_LINES = 30
+DEFAULT_EXPERIMENTS = "experiments"
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,15 @@ class Settings:
     def paths(self) -> ExperimentPaths:
         return ExperimentPaths(Path(self.experiments_dir))
 
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any], data_dir: str | None = None, experiments_dir: str | None = None,
+                    gpus: int = 0) -> Settings:
+        """The flags where given, else the recipe's ``data_dir`` and ``experiments_dir`` (default
+        ``experiments``; the demo and smoke recipes keep theirs under ``demo_data/``)."""
+        data_dir = data_dir or recipe["data_dir"]
+        return cls(data_dir=data_dir, dataset=recipe["dataset"].format(data_dir=data_dir),
+                   experiments_dir=experiments_dir or recipe.get("experiments_dir", DEFAULT_EXPERIMENTS), gpus=gpus)
+
 
 def recipe_names() -> list[str]:
     return sorted(path.stem for path in RECIPES.glob("*.json"))
@@ -89,7 +103,7 @@ def recipe_path(name: str) -> Path:
 
 
 def load_recipe(name: str) -> dict[str, Any]:
-    return json.loads(recipe_path(name).read_text())
+    return read_json(recipe_path(name), "recipe")
 
 
 def build_stages(recipe: dict[str, Any], data_dir: str) -> list[Stage]:
@@ -154,7 +168,7 @@ def plan(stage: Stage, settings: Settings) -> tuple[list[str] | None, str]:
     if "model" in stage.output:
         tag = stage.output["model"]
         config = paths.model_config(tag)
-        content = json.loads(config.read_text()) if config.is_file() else {}
+        content = read_json(config, "model description", {})
         if "run" not in content:
             if paths.checkpoint(tag).is_file():
                 return ["--resume"], "continuing an interrupted run"
@@ -212,27 +226,47 @@ class ProgressEcho:
             sys.stdout.flush()
 
 
+@contextmanager
+def forward_signals(process: subprocess.Popen) -> Iterator[None]:
+    """Pass SIGINT/SIGTERM/SIGHUP on to ``process`` (which runs in its own session, so a Ctrl-C reaches it
+    once, through here): a training stage then saves its checkpoint and exits with ``EXIT_INTERRUPTED``."""
+    previous = {number: signal.getsignal(number) for number in FORWARDED_SIGNALS}
+    for number in FORWARDED_SIGNALS:
+        signal.signal(number, lambda received, frame: process.send_signal(received))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def run_logged(argv: list[str], log: Path, label: str) -> None:
     """Run ``argv`` from the repository root, all its output appended to ``log``, its progress echoed;
-    a failure prints the log's last lines and stops the pipeline."""
+    a failure prints the log's last lines and stops the pipeline (an interrupted stage with exit status
+    ``EXIT_INTERRUPTED``, which a rerun of the pipeline resumes)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     echo = ProgressEcho(label)
     environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "ab") as handle:
         handle.write(f"$ {shlex.join(argv)}\n".encode())
         process = subprocess.Popen(argv, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=environment)
+                                   env=environment, start_new_session=True)
         pending = b""
         assert process.stdout is not None
-        while chunk := process.stdout.read1(65536):
-            handle.write(chunk)
-            handle.flush()
-            pending += chunk
-            *fragments, pending = re.split(rb"[\r\n]", pending)
-            for fragment in fragments[-3:]:
-                echo.offer(fragment.decode(errors="replace"))
-        code = process.wait()
+        with forward_signals(process):
+            while chunk := process.stdout.read1(65536):
+                handle.write(chunk)
+                handle.flush()
+                pending += chunk
+                *fragments, pending = re.split(rb"[\r\n]", pending)
+                for fragment in fragments[-3:]:
+                    echo.offer(fragment.decode(errors="replace"))
+            code = process.wait()
     echo.close()
+    if code == EXIT_INTERRUPTED:
+        print(f"interrupted: {label} stopped after saving its checkpoint; run the same run_pipeline.py command "
+              f"again to continue (log {log})", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED)
     if code != 0:
         lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
         tail = "\n".join(line for line in lines if line.strip())[-4000:].splitlines()[-FAILURE_TAIL_LINES:]
@@ -264,7 +298,7 @@ def run_recipe(name: str, settings: Settings, first: str | None = None, last: st
     label = recipe_path(name).stem
     logs = settings.paths.root / "logs" / f"pipeline@{label}"
     state_path = settings.paths.root / "logs" / f"pipeline@{label}.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = read_json(state_path, "pipeline state", {})
     if not Path(settings.dataset).is_file():
         if "make_data" not in recipe:
             raise ArtifactError(f"{settings.dataset}: dataset descriptor not found (see the README's Data section)")
@@ -299,7 +333,7 @@ def run_recipe(name: str, settings: Settings, first: str | None = None, last: st
 def table_rows(label: str, stages: list[Stage], settings: Settings) -> list[dict[str, Any]]:
     """Stage, list scored, mIoU and wall time of every stage, from ``logs/pipeline@<label>.json``."""
     state_path = settings.paths.root / "logs" / f"pipeline@{label}.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state = read_json(state_path, "pipeline state", {})
     return [{"stage": stage.title, "list": stage.score["domain"] if stage.score else "-",
              "miou": state.get(stage.name, {}).get("miou"), "seconds": state.get(stage.name, {}).get("seconds")}
             for stage in stages]

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from tools.artifacts import ArtifactError, atomic_write_text
+from tools.artifacts import ArtifactError, atomic_write_text, read_json
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
@@ -98,13 +98,13 @@ def run_record(script: str, args: argparse.Namespace | Mapping[str, Any],
 
 # ----------------------------------------------------------------------------- inputs
 def read_run(folder: Path) -> dict[str, Any] | None:
+    """A folder's ``run.json`` (None if it has none)."""
     path = Path(folder) / RUN_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ArtifactError(f"{path}: unreadable provenance ({error})") from error
+    run = read_json(path, "provenance record")
+    if run is not None and not isinstance(run.get("provenance"), str):
+        raise ArtifactError(f"{path}: a provenance record without its 'provenance' hash; delete the folder's "
+                            f"{RUN_FILE} and remake the folder with --overwrite")
+    return run
 
 
 def folder_input(folder: Path, command: str, allow_unknown: bool = False) -> dict[str, Any]:
@@ -118,10 +118,21 @@ def folder_input(folder: Path, command: str, allow_unknown: bool = False) -> dic
 
 
 def model_input(model_path: Path) -> dict[str, Any]:
-    """An input model and the provenance in its ``<tag>.json`` (None for imported weights without one)."""
+    """An input model and the provenance in its ``<tag>.json`` (None for imported weights without one).
+
+    A model whose training run has not finished (killed, or still running) is refused: it is an
+    intermediate epoch's, and the next stage would silently build on it.
+    """
     config = Path(model_path).with_suffix(".json")
-    run = json.loads(config.read_text()).get("run") if config.is_file() else None
-    return {"path": str(model_path), "provenance": None if run is None else run["provenance"]}
+    if read_json(config, "model description", {}).get("finished") is False:
+        raise ArtifactError(f"{config}: the training run of {Path(model_path).stem} has not finished (the model is "
+                            "an intermediate epoch's); continue it with the training command plus --resume")
+    return {"path": str(model_path), "provenance": _model_provenance(Path(model_path))}
+
+
+def _model_provenance(model_path: Path) -> str | None:
+    run = read_json(model_path.with_suffix(".json"), "model description", {}).get("run")
+    return run.get("provenance") if isinstance(run, dict) else None
 
 
 def external_input(path: Path) -> dict[str, Any]:
@@ -133,7 +144,7 @@ def current_provenance(path: str | Path) -> str | None:
     """The provenance an input artifact has now: a folder's ``run.json`` or a model's ``<tag>.json``."""
     path = Path(path)
     if path.suffix == ".pth":
-        return model_input(path)["provenance"]
+        return _model_provenance(path)
     run = read_run(path) if path.is_dir() else None
     return None if run is None else run["provenance"]
 

@@ -1,6 +1,6 @@
 """Visual report of a recipe run: ``<experiments>/report/<recipe>.html`` with ``<recipe>.png`` beside it.
 
-    python -m tools.report --recipe demo --data_dir demo_data/synthetic --experiments_dir experiments
+    python -m tools.report --recipe demo
 
 The picture has, for ``NUM_EXAMPLES`` images of the scored list, a row of photo | ground truth |
 CAM heat map of each present class | random walk | pseudo label | final prediction (single scale,
@@ -27,6 +27,7 @@ from matplotlib.patches import Patch
 from core.checkpoint import load_weights
 from core.deeplab import DeepLab
 from core.multiscale import multiscale_probabilities
+from tools.arguments import StageArgumentParser
 from tools.artifacts import atomic_write_bytes, atomic_write_text, load_label_png, load_prediction
 from tools.cli import run_main
 from tools.dataset import VOCReader
@@ -87,7 +88,9 @@ def example_rows(stages: list[Stage], settings: Settings) -> tuple[list[str], li
     for image_id in ids:
         image = reader.load_image(image_id)
         row: list[tuple[str, Any]] = [("image", np.asarray(image)), ("label", reader.load_mask(image_id))]
-        cams = load_prediction(cam_dir / f"{image_id}.npz") if cam_dir is not None else None
+        size = (image.height, image.width)
+        cams = (load_prediction(cam_dir / f"{image_id}.npz", descriptor.num_classes, image_size=size,
+                                require=("hr_cam",)) if cam_dir is not None else None)
         for index in range(MAX_CAM_COLUMNS):
             if cams is not None and index < len(cams["hr_cam"]):
                 name = descriptor.class_names[int(cams["keys"][index + 1])]
@@ -95,7 +98,8 @@ def example_rows(stages: list[Stage], settings: Settings) -> tuple[list[str], li
             else:
                 row.append(("empty", None))
         if rw_dir is not None and rw_threshold is not None:
-            walk = load_prediction(rw_dir / f"{image_id}.npz")
+            walk = load_prediction(rw_dir / f"{image_id}.npz", descriptor.num_classes, image_size=size,
+                                   require=("rw",))
             row.append(("label", walk["keys"][threshold_argmax(walk["rw"], rw_threshold)]))
         else:
             row.append(("empty", None))
@@ -209,18 +213,17 @@ def write_report(recipe: str, settings: Settings) -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = StageArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.HelpFormatter)
     parser.add_argument("--recipe", required=True, help="a recipe name or .json file, as for run_pipeline.py")
     parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--experiments_dir", default="experiments")
+    parser.add_argument("--experiments_dir", default=None, help="default: the recipe's, else experiments/")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe)
-    data_dir = args.data_dir or recipe["data_dir"]
-    settings = Settings(data_dir, recipe["dataset"].format(data_dir=data_dir), args.experiments_dir)
+    settings = Settings.from_recipe(recipe, args.data_dir, args.experiments_dir)
     print(f"report: {write_report(args.recipe, settings)}")
 
 
