@@ -20,7 +20,7 @@ from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, load_p
                              prediction_file, require_complete, save_png)
 from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
                        run_main)
-from tools.dataset import VOCReader
+from tools.reader import VOCReader
 from tools.labels import AFFINITY_CRF_ITERATIONS, affinity_label
 from tools.parallel import parallel_map
 from tools.provenance import claim_output_folder, folder_input, run_record

@@ -5,6 +5,7 @@ these tests check the artifacts each script writes, resuming, and the errors on 
 """
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from core.affinitynet import AffinityNet
 from core.semformer import SemFormerSegmentor
 from tests.cli_runner import REPO, run_script
 from tools.artifacts import load_label_png, load_prediction
-from tools.dataset import VOCReader
+from tools.reader import VOCReader
 from tools.descriptor import load_descriptor
 from tools.model_args import save_model_config
 
@@ -72,8 +73,9 @@ def test_killed_cam_inference_reruns_to_the_same_files(stage_inputs, tmp_path):
     killed_flags = [*flags[:3], str(tmp_path), *flags[4:]]
     (tmp_path / "models").symlink_to(root / "models")
     out_dir = tmp_path / "predictions" / CAM
-    process = subprocess.Popen([sys.executable, *cam_command(killed_flags)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, *cam_command(killed_flags)], cwd=REPO,  # threads as run_script's
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "2"})
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
         if out_dir.is_dir() and len(list(out_dir.glob("*.npz"))) >= 2:
@@ -136,3 +138,21 @@ def test_missing_previous_stage_names_the_first_id_and_the_command(stage_inputs)
     with pytest.raises(AssertionError) as failure:
         run_script("inference_rw.py", "--model_name", "Missing", "--cam_dir", CAM, *flags)
     assert "python train_affinitynet.py" in str(failure.value) or "files missing" in str(failure.value)
+
+
+def test_loader_workers_give_the_same_cams_and_amp_falls_back_on_the_cpu(stage_inputs, tmp_path):
+    root, flags, descriptor = stage_inputs
+    folders = {}
+    for name, extra in (("workers", ["--num_workers", "2"]), ("main", ["--num_workers", "0"]),
+                        ("bf16", ["--amp", "bf16", "--num_workers", "0"])):
+        experiments = tmp_path / name
+        experiments.mkdir()
+        (experiments / "models").symlink_to(root / "models")
+        run_script(*cam_command([*flags[:3], str(experiments), *flags[4:]], *extra))
+        folders[name] = experiments / "predictions" / CAM
+    for image_id in descriptor.read_ids("train"):
+        workers, main, bf16 = (load_prediction(folders[name] / f"{image_id}.npz", READ_CLASSES)
+                               for name in ("workers", "main", "bf16"))
+        for name in ("keys", "cam", "hr_cam"):
+            np.testing.assert_array_equal(workers[name], main[name])
+        assert bf16["hr_cam"].shape == main["hr_cam"].shape  # finite and well-formed: load_prediction checked

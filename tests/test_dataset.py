@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.voc_layout import CLASS_NAMES, make_voc_layout, write_mask, write_xml
-from tools.dataset import AffinityDataset, CAMMakingDataset, CAMTestDataset, ClassificationDataset, VOCReader
+from tools.dataset import AffinityDataset, CAMMakingDataset, CAMTestDataset, ClassificationDataset
+from tools.reader import VOCReader
 from tools.descriptor import DatasetError, load_descriptor, read_id_list
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"
@@ -66,8 +67,9 @@ def test_stage_datasets(tiny):
     pair = lambda image, mask: (to_tensor(image), torch.from_numpy(mask).long())
     image, label, mask = CAMTestDataset(reader, ids, pair)[2]
     assert mask.dtype == torch.int64 and mask.shape == (56, 56)
-    photo, image_id, label = CAMMakingDataset(reader, ids)[0]
-    assert image_id == ids[0] and photo.size == (56, 40)
+    image_id, keys, size, inputs = CAMMakingDataset(reader, ids, (1.0, 0.5), patch_size=16)[1]
+    assert image_id == ids[1] and keys.tolist() == [0, 2] and size == (48, 56)
+    assert [tuple(scaled.shape) for scaled in inputs] == [(3, 48, 64), (3, 32, 32)]  # multiples of 16
     affinity_dir = root / "aff"
     affinity_dir.mkdir()
     write_mask(affinity_dir / f"{ids[0]}.png", np.full((40, 56), 255, np.uint8))

@@ -12,7 +12,7 @@ from tests.cli_runner import run_failing, run_script
 from tests.engine_toy_train import ToyDataset, ToyNet, toy_step
 from tests.test_engine import SINGLE_CPU
 from tools.artifacts import ArtifactError, ExperimentPaths, save_png
-from tools.dataset import VOCReader
+from tools.reader import VOCReader
 from tools.descriptor import load_descriptor
 from tools.engine import Trainer, TrainConfig
 from tools.model_args import describe_model, load_model_config, save_model_config

@@ -24,7 +24,7 @@ from tests.cli_runner import REPO, run_failing, run_script
 from tools.artifacts import ArtifactError, load_label_png, save_png
 from tools.cli import EXIT_INTERRUPTED
 from tools.crf import DEEPLAB_KERNELS, ORIGINAL_KERNELS, parse_crf_setting
-from tools.dataset import VOCReader
+from tools.reader import VOCReader
 from tools.descriptor import load_descriptor
 from tools.metrics import ConfusionAccumulator
 from tools.optimizer import parameter_groups

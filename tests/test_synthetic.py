@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.dataset import VOCReader
+from tools.reader import VOCReader
 from tools.descriptor import load_descriptor
 from tools.synthetic import (
     IGNORE_INDEX,

@@ -11,7 +11,8 @@ from core.losses import LossWeights, semformer_loss
 from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
 from tests.cli_runner import run_script
 from tools.artifacts import save_png
-from tools.dataset import ClassificationDataset, VOCReader
+from tools.dataset import ClassificationDataset
+from tools.reader import VOCReader
 from tools.descriptor import load_descriptor
 from tools.provenance import claim_output_folder, run_record
 from tools.transforms import semformer_train_transform

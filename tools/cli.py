@@ -22,7 +22,7 @@ from typing import Callable
 
 from tools.arguments import UsageError, positive_int
 from tools.artifacts import ArtifactError, ExperimentPaths
-from tools.dataset import VOCReader
+from tools.reader import VOCReader, make_reader
 from tools.descriptor import DEFAULT_DESCRIPTOR, DatasetDescriptor, DatasetError, load_descriptor, read_id_list
 from tools.parallel import default_jobs
 
@@ -77,7 +77,7 @@ class StageData:
 def open_stage_data(args: argparse.Namespace) -> StageData:
     """Descriptor, reader and id list from the ``add_dataset_args`` flags."""
     descriptor = load_descriptor(args.dataset)
-    reader = VOCReader(descriptor, args.data_dir)
+    reader = make_reader(descriptor, args.data_dir)
     ids = read_id_list(args.list) if args.list else descriptor.read_ids(args.domain)
     return StageData(descriptor, reader, ids, ExperimentPaths(Path(args.experiments_dir)))
 

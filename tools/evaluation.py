@@ -4,8 +4,10 @@ Per image and threshold (``npy`` / ``rw`` modes): a constant plane equal to the 
 in front of the class maps as channel 0 and the argmax taken (ties go to the lower index, so a
 score equal to the threshold is background); then either the label CRF (``crf_iteration > 0``)
 or the 7x7 erosion post-process runs on the local indices, and ``keys[index]`` gives the classes.
-Every prediction file is read once for all thresholds, and images are scored in parallel worker
-processes, each returning a ``(T, C, C + 1)`` confusion stack.
+Without the CRF the whole sweep is counted in one pass (``tools.sweep``: each pixel's "survival
+score" decides its label at every threshold), with results equal to the per-threshold path. Every
+prediction file is read once, by parallel worker processes, each returning a ``(T, C, C + 1)``
+confusion stack.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -34,6 +37,7 @@ from tools.descriptor import DatasetError
 from tools.labels import threshold_argmax
 from tools.metrics import ConfusionAccumulator, SegmentationScores, confusion_stack, erode_labels
 from tools.parallel import parallel_map
+from tools.sweep import sweep_confusions
 
 MODES = ("npy", "png", "rw")
 POST_PROCESSES = ("erode", "none")
@@ -145,13 +149,10 @@ def _prediction_maps(config: EvaluationConfig, path: Path, image_size: tuple[int
     return keys, maps, background
 
 
-def predict_labels(config: EvaluationConfig, image_id: str, image_size: tuple[int, int]) -> np.ndarray:
-    """Class maps ``(T, H, W)`` of one image of size ``(H, W)`` (its GT mask's), one per threshold
-    (``T = 1`` in ``png`` mode)."""
-    path = config.prediction_path(image_id)
-    if config.mode == "png":
-        return load_label_png(path)[None]
-    keys, maps, background = _prediction_maps(config, path, image_size)
+def predict_labels(config: EvaluationConfig, image_id: str, keys: np.ndarray, maps: np.ndarray,
+                   background: np.ndarray | None) -> np.ndarray:
+    """Class maps ``(T, H, W)`` of one image, one per threshold, from its ``keys (n+1,)``, class maps
+    ``(n, H, W)`` and propagated background ``(H, W)`` (None: the threshold is the background)."""
     if background is None:
         local = threshold_labels(maps, config.thresholds)
     else:  # a random walk with a propagated background channel needs no threshold
@@ -160,7 +161,7 @@ def predict_labels(config: EvaluationConfig, image_id: str, image_size: tuple[in
         image = _load_photo(config.image_path(image_id))
         if image.shape[:2] != maps.shape[1:]:
             raise ArtifactError(
-                f"{path}: prediction size {maps.shape[1:]} differs from the photo "
+                f"{config.prediction_path(image_id)}: prediction size {maps.shape[1:]} differs from the photo "
                 f"{config.image_path(image_id)} {image.shape[:2]}"
             )
         local = np.stack(
@@ -172,19 +173,35 @@ def predict_labels(config: EvaluationConfig, image_id: str, image_size: tuple[in
 
 
 def score_image(config: EvaluationConfig, image_id: str) -> np.ndarray:
-    """Confusion stack ``(T, C, C + 1)`` of one image (the worker function)."""
-    gt_path = config.gt_path(image_id)
-    gt = load_label_png(gt_path)
-    predictions = predict_labels(config, image_id, gt.shape)
-    if predictions.shape[1:] != gt.shape:
-        raise ArtifactError(
-            f"{config.prediction_path(image_id)}: prediction size {predictions.shape[1:]} differs from "
-            f"the GT mask {gt_path} {gt.shape}"
-        )
+    """Confusion stack ``(T, C, C + 1)`` of one image (the worker function).
+
+    A threshold sweep without CRF is counted by ``tools.sweep`` in one pass for all thresholds (equal
+    to the per-threshold computation of ``predict_labels``, which a CRF or a propagated background
+    needs).
+    """
+    gt = load_label_png(config.gt_path(image_id))
+    if config.mode == "png":
+        predictions = load_label_png(config.prediction_path(image_id))[None]
+        if predictions.shape[1:] != gt.shape:
+            raise ArtifactError(f"{config.prediction_path(image_id)}: prediction size {predictions.shape[1:]} "
+                                f"differs from the GT mask {config.gt_path(image_id)} {gt.shape}")
+        return _confusions(confusion_stack, config, image_id, gt, predictions, config.num_classes,
+                           config.ignore_index)
+    keys, maps, background = _prediction_maps(config, config.prediction_path(image_id), gt.shape)
+    if config.crf_iteration == 0 and background is None:
+        return _confusions(sweep_confusions, config, image_id, gt, maps, keys, config.thresholds,
+                           config.num_classes, config.ignore_index, config.post_process == "erode")
+    predictions = predict_labels(config, image_id, keys, maps, background)
+    return _confusions(confusion_stack, config, image_id, gt, predictions, config.num_classes, config.ignore_index)
+
+
+def _confusions(count: Callable[..., np.ndarray], config: EvaluationConfig, image_id: str, gt: np.ndarray,
+                *args: object) -> np.ndarray:
+    """``count(gt, *args)``, a bad class value in the GT or the prediction named with both files."""
     try:
-        return confusion_stack(gt, predictions, config.num_classes, config.ignore_index)
+        return count(gt, *args)
     except ValueError as error:
-        raise ArtifactError(f"{gt_path} / {config.prediction_path(image_id)}: {error}") from error
+        raise ArtifactError(f"{config.gt_path(image_id)} / {config.prediction_path(image_id)}: {error}") from error
 
 
 def evaluate(config: EvaluationConfig, ids: list[str], n_jobs: int = 1) -> list[SegmentationScores]:

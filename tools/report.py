@@ -30,7 +30,7 @@ from core.multiscale import multiscale_probabilities
 from tools.arguments import StageArgumentParser
 from tools.artifacts import atomic_write_bytes, atomic_write_text, load_label_png, load_prediction
 from tools.cli import run_main
-from tools.dataset import VOCReader
+from tools.reader import make_reader
 from tools.descriptor import load_descriptor
 from tools.labels import threshold_argmax
 from tools.model_args import load_model_config
@@ -74,7 +74,7 @@ def _final_model(stages: list[Stage], settings: Settings, num_classes: int) -> D
 def example_rows(stages: list[Stage], settings: Settings) -> tuple[list[str], list[list[tuple[str, Any]]]]:
     """Column titles and, per example image, ``(kind, array)`` panels (``image``, ``label``, ``heat``)."""
     descriptor = load_descriptor(settings.dataset)
-    reader = VOCReader(descriptor, settings.data_dir)
+    reader = make_reader(descriptor, settings.data_dir)
     cams_stage, rw_stage = _stage(stages, "cams"), _stage(stages, "random_walk")
     domain = cams_stage.score["domain"] if cams_stage and cams_stage.score else "train"
     ids = descriptor.read_ids(domain)[:NUM_EXAMPLES]

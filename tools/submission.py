@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from tools.artifacts import PNG_SUFFIX, ArtifactError, atomic_path, atomic_write_bytes
-from tools.dataset import VOCReader
+from tools.reader import VOCReader
 
 COMPETITION = "comp6"
 RESULTS_ROOT = Path("results") / "VOC2012" / "Segmentation"

@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tools.artifacts import atomic_write_bytes, atomic_write_text, save_png
-from tools.dataset import VOCReader
+from tools.reader import VOCReader
 from tools.descriptor import load_descriptor, voc_palette, write_descriptor
 
 IGNORE_INDEX = 255
