@@ -13,20 +13,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.cam import multiscale_cams
 from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
 from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_npz
-from tools.arguments import StageArgumentParser, add_shard_args, parse_bool, parse_scales, positive_int
+from tools.arguments import (StageArgumentParser, add_shard_args, non_negative_int, parse_bool, parse_scales,
+                             positive_int)
 from tools.cli import (add_dataset_args, add_output_args, dataset_flags, evaluation_domain, open_stage_data,
                        process_rank, rank_shard, run_main, shard)
+from tools.dataset import CAMMakingDataset
 from tools.distributed import add_device_arg, inference_device
 from tools.model_args import add_semformer_args, load_model_config, semformer_config
+from tools.precision import AMP_CHOICES, autocast
 from tools.provenance import claim_output_folder, model_input, run_record
 
 CAM_SCALES = (0.5, 1.0, 1.5, 2.0)
@@ -44,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exact_hr_cam", action="store_true",
                         help="resize hr_cam straight to the image size (the original stretches it to a "
                              "multiple of 16 and crops, losing up to 15 px)")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                        help="autocast of the model (bf16 / fp16; off: full precision, the original's)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=2,
+                        help="DataLoader workers that decode and resize the photos ahead of the model")
     add_shard_args(parser)
     add_device_arg(parser)
     add_output_args(parser, reads_predictions=False)
@@ -85,11 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     record = run_record(Path(__file__).name, args, {"model": model_input(data.paths.model(args.tag))})
     claim_output_folder(out_dir, record, CAM_SUFFIX, args.overwrite, process_rank())
     todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "CAM files")
-    for image_id in tqdm(todo, desc="CAMs", dynamic_ncols=True):
-        image = data.reader.load_image(image_id)
-        label = data.reader.load_label(image_id)
-        keys = np.concatenate([[0], np.flatnonzero(label) + 1])
-        cams = multiscale_cams(activations, image, keys, scales, patch_size, device, args.exact_hr_cam)
+    loader = DataLoader(CAMMakingDataset(data.reader, todo, scales, patch_size), batch_size=None,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    for image_id, keys, size, inputs in tqdm(loader, desc="CAMs", dynamic_ncols=True):
+        inputs = [scaled.to(device, non_blocking=True) for scaled in inputs]
+        with autocast(device, args.amp):
+            cams = multiscale_cams(activations, inputs, size, keys, args.exact_hr_cam)
         save_npz(out_dir / f"{image_id}{CAM_SUFFIX}", **cams)
     print(f"Next: python evaluate.py --experiment_name {name} --domain {evaluation_domain(data.descriptor, args)} "
           f"{dataset_flags(args)}\n"

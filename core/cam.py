@@ -1,22 +1,21 @@
 """Multi-scale, flip-averaged class activation maps in the original's artifact layout.
 
-For each scale the photo is resized (bicubic) so both sides are multiples of the patch size, the
-image and its horizontal flip run as one batch, and the per-class activations ``(2, K, h, w)``
+For each scale the photo is resized (bicubic) so both sides are multiples of the patch size
+(``tools.transforms.cam_inputs``, run by DataLoader workers ahead of the model), the image and its
+horizontal flip run as one batch, and the per-class activations ``(2, K, h, w)``
 (background channel 0 included) are resized to the stride-4 size and to the full size and summed
 over scales and flips. Only the present classes are kept, each divided by its maximum.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 
-from tools.transforms import normalize
 
 CAM_STRIDE = 4
 NORMALISE_EPSILON = 1e-5
@@ -46,37 +45,33 @@ def scaled_size(height: int, width: int, scale: float, multiple: int) -> tuple[i
 @torch.no_grad()
 def multiscale_cams(
     activations: Callable[[Tensor], Tensor],
-    image: Image.Image,
+    inputs: Sequence[Tensor],
+    image_size: tuple[int, int],
     keys: np.ndarray,
-    scales: list[float],
-    patch_size: int,
-    device: torch.device,
     exact_hr_cam: bool = False,
 ) -> dict[str, np.ndarray]:
-    """``keys``, ``cam (n, ceil(H/4), ceil(W/4))`` and ``hr_cam (n, H, W)`` of one photo.
+    """``keys``, ``cam (n, ceil(H/4), ceil(W/4))`` and ``hr_cam (n, H, W)`` of one photo of ``image_size``.
 
-    ``activations`` maps a normalised batch ``(2, 3, h', w')`` to non-negative class maps
-    ``(2, K, h, w)`` (SemFormer: ReLU(seg logits) weighted by the class-relevant attention).
-    ``keys`` are the present classes' ids (background 0 first). By default the full-resolution map
-    is resized to the size rounded up to a multiple of 16 and then cropped, as the original does
-    (a quirk that drops up to 15 px of content); ``exact_hr_cam`` resizes straight to ``(H, W)``.
+    ``inputs`` are the normalised photo at each scale, ``(3, h_s, w_s)`` on the model's device (sides
+    multiples of the patch size, see ``scaled_size``). ``activations`` maps a batch ``(2, 3, h_s, w_s)``
+    (the photo and its flip) to non-negative class maps ``(2, K, h, w)`` (SemFormer: ReLU(seg logits)
+    weighted by the class-relevant attention). ``keys`` are the present classes' ids (background 0
+    first). By default the full-resolution map is resized to the size rounded up to a multiple of 16
+    and then cropped, as the original does (a quirk that drops up to 15 px of content);
+    ``exact_hr_cam`` resizes straight to ``(H, W)``.
     """
-    width, height = image.size
+    height, width = image_size
     small = strided_size(height, width)
     large = (height, width) if exact_hr_cam else strided_up_size(height, width, 16)
     cam = hr_cam = 0.0  # sums of the resized maps over scales and flips
-    for scale in scales:
-        size = scaled_size(height, width, scale, patch_size)
-        resized = image.resize((size[1], size[0]), Image.BICUBIC)
-        batch = normalize(resized).unsqueeze(0).to(device)
-        batch = torch.cat([batch, batch.flip(-1)])
+    for scaled in inputs:
+        batch = torch.stack([scaled, scaled.flip(-1)])
         maps = F.relu(activations(batch).float()[:, 1:])
-        maps = maps[0] + maps[1].flip(-1)
-        maps = maps.unsqueeze(0)
+        maps = (maps[0] + maps[1].flip(-1)).unsqueeze(0)
         cam = cam + F.interpolate(maps, small, mode="bilinear", align_corners=False)[0]
         hr_cam = hr_cam + F.interpolate(maps, large, mode="bilinear", align_corners=False)[0]
     hr_cam = hr_cam[:, :height, :width]
-    present = torch.as_tensor(np.asarray(keys[1:]) - 1, device=device, dtype=torch.long)
+    present = torch.as_tensor(np.asarray(keys[1:]) - 1, device=inputs[0].device, dtype=torch.long)
     cam, hr_cam = cam[present], hr_cam[present]
     cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)
     hr_cam = hr_cam / (hr_cam.amax(dim=(1, 2), keepdim=True) + NORMALISE_EPSILON)

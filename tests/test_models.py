@@ -334,3 +334,16 @@ def test_segmentor_state_dict_round_trip_without_the_ae(tmp_path):
     torch.testing.assert_close(fresh.cls_token, model.segmentor.cls_token)
     with pytest.raises(CheckpointError, match="prefix"):
         load_segmentor_weights(fresh, model.state_dict(), "whole.pth")
+
+
+def test_blocks_whose_attention_the_cra_does_not_need_run_fused_attention(monkeypatch):
+    backbone = ViTBackbone("deit_small_patch16_224", image_size=64, depth=4, embed_dim=32, num_heads=2).eval()
+    fused_calls = []
+    fused = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: fused_calls.append(1) or fused(*args, **kwargs))
+    tokens = torch.zeros(1, 3, 32)
+    with torch.no_grad():
+        _, probabilities = backbone.forward_with_tokens(torch.randn(1, 3, 64, 64), tokens, tokens,
+                                                        return_attn=True, attn_layers=1)
+    assert len(probabilities) == 1 and len(fused_calls) == 3  # SDPA in the first 3 blocks, probabilities in the last

@@ -58,9 +58,9 @@ from tools.loader import (EpochSampler, SeededDataset, ignore_interrupts_in_work
                           seed_everything)
 from tools.logger import TrainingLogger, format_duration
 from tools.optimizer import OPTIMIZERS, build_poly_scheduler
+from tools.precision import AMP_CHOICES, resolve_amp
 from tools.provenance import run_record
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 SELECT_CHOICES = ("gt", "last")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_FORMAT = 1
@@ -189,17 +189,6 @@ def add_engine_args(
 
 
 # ----------------------------------------------------------------------------- small helpers
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``--amp`` on ``device`` (None = full precision)."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        return torch.float16
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Tensors of a (nested) tuple / list / dict batch moved to ``device``; other items unchanged."""
     if isinstance(batch, torch.Tensor):

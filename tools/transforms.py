@@ -13,7 +13,7 @@ factor from numpy.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from core.cam import scaled_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -271,6 +273,13 @@ def normalize(image: Image.Image | np.ndarray) -> Tensor:
     if isinstance(image, np.ndarray) and (image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3):
         raise ValueError(f"normalize expects an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
     return _NORMALIZE(image).as_subclass(Tensor)
+
+
+def cam_inputs(image: Image.Image, scales: Sequence[float], multiple: int) -> list[Tensor]:
+    """The photo at each CAM scale, resized (bicubic) to ``core.cam.scaled_size`` (sides multiples of
+    the patch size) and normalised: one ``(3, h_s, w_s)`` tensor per scale."""
+    sizes = (scaled_size(image.height, image.width, scale, multiple) for scale in scales)
+    return [normalize(image.resize((width, height), Image.BICUBIC)) for height, width in sizes]
 
 
 def caae_train_transform(
