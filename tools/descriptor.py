@@ -1,8 +1,10 @@
-"""Dataset descriptor: class names, palette and list files of a VOC-layout dataset.
+"""Dataset descriptor: class names, palette, layout and list files of a dataset.
 
-A descriptor is a small JSON file (``data/voc12/dataset.json``, or the one the synthetic
-generator writes next to its images). Every stage reads class counts, names, the palette and
-the list files from it, so nothing in the code base hard-codes VOC's 21 classes.
+A descriptor is a small JSON file (``data/voc12/dataset.json``, the one the synthetic generator
+writes next to its images, or the one ``tools.prepare_coco`` writes for MS COCO). Every stage reads
+class counts, names, the palette and the list files from it, so nothing in the code base hard-codes
+VOC's 21 classes. ``layout`` is ``"voc"`` (default: ``JPEGImages/``, ``Annotations/`` XML) or
+``"coco"`` (photo files and image-level labels from the JSON ``index_file``, see ``tools.coco``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import numpy as np
 DEFAULT_DESCRIPTOR = Path(__file__).resolve().parent.parent / "data" / "voc12" / "dataset.json"
 MAX_LABEL_VALUE = 255  # label maps are uint8 PNGs
 FOLDER_KEYS = ("image_dir", "annotation_dir", "mask_dir", "aug_mask_dir")
+VOC_LAYOUT = "voc"
+COCO_LAYOUT = "coco"  # photos and labels from an index file (tools.coco), masks in mask_dir
+LAYOUTS = (VOC_LAYOUT, COCO_LAYOUT)
 
 
 class DatasetError(ValueError):
@@ -51,6 +56,8 @@ class DatasetDescriptor:
     aug_mask_dir: str = "SegmentationClassAug"
     lists: dict[str, Path] = field(default_factory=dict)
     palette_spec: str | tuple[tuple[int, int, int], ...] = "voc"
+    layout: str = VOC_LAYOUT
+    index_file: Path | None = None  # the COCO layout's {id: {"file", "labels"}} JSON
 
     @property
     def num_classes(self) -> int:
@@ -145,10 +152,17 @@ def load_descriptor(path: str | Path = DEFAULT_DESCRIPTOR) -> DatasetDescriptor:
             or not len(names) <= ignore_index <= MAX_LABEL_VALUE:
         raise DatasetError(f"{path}: 'ignore_index' must be an integer in {len(names)}..{MAX_LABEL_VALUE} "
                            f"(above the class ids, within a PNG label), got {ignore_index!r}")
-    for key in ("name", "data_dir", *FOLDER_KEYS):
+    for key in ("name", "data_dir", "index_file", *FOLDER_KEYS):
         if key in raw and not isinstance(raw[key], str):
             raise DatasetError(f"{path}: '{key}' must be a string, got {raw[key]!r}")
+    layout = raw.get("layout", VOC_LAYOUT)
+    if layout not in LAYOUTS:
+        raise DatasetError(f"{path}: 'layout' must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    if layout == COCO_LAYOUT and "index_file" not in raw:
+        raise DatasetError(f"{path}: layout 'coco' needs 'index_file', the JSON of photo files and labels "
+                           "(written by python -m tools.prepare_coco)")
     data_dir = raw.get("data_dir")
+    index_file = raw.get("index_file")
     return DatasetDescriptor(
         path=path,
         name=raw.get("name", path.parent.name),
@@ -157,6 +171,8 @@ def load_descriptor(path: str | Path = DEFAULT_DESCRIPTOR) -> DatasetDescriptor:
         data_dir=(base / data_dir).resolve() if data_dir is not None else None,
         lists={domain: base / name for domain, name in lists.items()},
         palette_spec=_palette_spec(raw.get("palette", "voc"), path),
+        layout=layout,
+        index_file=base / index_file if index_file is not None else None,
         **{key: raw[key] for key in FOLDER_KEYS if key in raw},
     )
 

@@ -1,4 +1,4 @@
-"""Synthetic weakly-supervised segmentation dataset in the PASCAL VOC layout.
+"""Synthetic weakly-supervised segmentation dataset in the PASCAL VOC layout (or MS COCO 2014's).
 
 Every stage runs on it unchanged, so the whole pipeline can be trained and tested on a CPU in
 minutes. Each of the K object classes is a shape family with its own hue range and texture; some
@@ -15,16 +15,27 @@ Layout written under ``--out`` (as VOC 2012 + SBD)::
     train_aug.txt, train.txt, val.txt
     dataset.json                   descriptor, written last
 
+With ``--format coco`` the same shapes are written as MS COCO 2014 ships (for ``tools.prepare_coco``)::
+
+    train2014/COCO_train2014_<image id, 12 digits>.jpg, val2014/...
+    annotations/instances_train2014.json, instances_val2014.json
+
+with category ids that have gaps, polygons, compressed and uncompressed RLEs, crowd regions, objects
+whose annotations overlap (the smaller drawn on top) and images without annotations. There is no ignore
+band; ``coco_sample`` gives an image's ground truth mask (crowd regions 255).
+
 Usage::
 
     python -m tools.synthetic --out demo_data/synthetic --num_classes 6
     python -m tools.synthetic --stats demo_data/synthetic
+    python -m tools.synthetic --format coco --out demo_data/synthetic_coco
 """
 from __future__ import annotations
 
 import argparse
 import colorsys
 import io
+import json
 import math
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass
@@ -34,6 +45,7 @@ from typing import Callable
 import cv2
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from tools.artifacts import atomic_write_bytes, atomic_write_text, save_png
@@ -52,7 +64,20 @@ IGNORE_BAND_KERNEL = np.ones((3, 3), np.uint8)  # 2 px band straddling every obj
 HUE_SPREAD = 15.0  # degrees either side of a class's hue
 MIN_TEXTURE_PERIOD = 4.0  # pixels
 SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point precision
+COVERAGE_THRESHOLD = 0.5  # a pixel belongs to a shape where its anti-aliased coverage reaches this
+PHOTO_NOISE = 0.012  # standard deviation of the sensor noise added last
 MAX_LAYOUT_ATTEMPTS = 50
+FORMATS = ("voc", "coco")
+COCO_SPLIT_FOLDERS = {"train": "train2014", "val": "val2014"}
+COCO_CATEGORY_IDS = (1, 3, 4, 8, 13, 15, 20, 27, 31, 44, 46, 90)  # ids with gaps, as COCO's 1..90
+COCO_IMAGE_ID_STRIDE = 3
+ANNOTATION_ID_BLOCK = 10  # the annotations of image i have ids i * 10 + 0..9
+UNANNOTATED_PERIOD = 8  # images 7, 15, ... of a split show no object and have no annotation
+CROWD_PERIOD = 3  # images 1, 4, ... (annotated ones) have a crowd region
+CROWD_MEMBER_RANGE = (3, 5)
+CROWD_DIAMETER_RANGE = (0.12, 0.25)  # crowd members, fraction of the short side
+COCO_PIXEL_CENTRE = 0.5  # COCO polygons centre pixel (x, y) on (x + 0.5, y + 0.5), cv2 on (x, y)
+POLYGON_DECIMALS = 2  # as in COCO's JSON
 
 
 @dataclass(frozen=True)
@@ -121,15 +146,24 @@ class Sample:
         return [obj for obj in self.objects if obj.kept]
 
 
+Window = tuple[slice, slice]  # (rows, columns)
+
+
 @dataclass
 class _Layer:
-    """A shape ready to composite: its patch's top-left corner, coverage ``(P, P)`` and colour ``(P, P, 3)``."""
+    """A shape ready to composite: its patch's top-left corner, coverage ``(P, P)`` and colour ``(P, P, 3)``,
+    and its outline: ``(N, 2)`` image-coordinate polygons with their fill values (0 cuts a hole)."""
 
     x0: int
     y0: int
     alpha: np.ndarray
     colour: np.ndarray
     class_index: int  # 0 for distractors
+    contours: list[tuple[np.ndarray, int]]
+
+    @property
+    def has_holes(self) -> bool:
+        return any(value == 0 for _, value in self.contours)
 
 
 # ----------------------------------------------------------------------------- shapes
@@ -221,11 +255,12 @@ def _hsv(hue_degrees: float, saturation: float, value: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- rendering
 def _rasterise(
     contours: list[tuple[np.ndarray, int]], centre: tuple[float, float], radius: float, angle: float, aspect: float
-) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray, list[tuple[np.ndarray, int]]]:
     """Draw a unit shape scaled, stretched and rotated into its own square patch.
 
-    Returns the patch's top-left image coordinates, its anti-aliased coverage ``(P, P)`` in [0, 1] and
-    the object-frame coordinates ``u, v`` of every patch pixel (for textures).
+    Returns the patch's top-left image coordinates, its anti-aliased coverage ``(P, P)`` in [0, 1],
+    the object-frame coordinates ``u, v`` of every patch pixel (for textures) and the placed contours
+    in image coordinates (cv2's: pixel ``(x, y)`` centred on ``(x, y)``).
     """
     half = int(math.ceil(radius * max(aspect, 1.0))) + 2
     x0, y0 = int(math.floor(centre[0])) - half, int(math.floor(centre[1])) - half
@@ -234,13 +269,15 @@ def _rasterise(
     cos, sin = math.cos(angle), math.sin(angle)
     rotation = np.array([[cos, -sin], [sin, cos]])
     coverage = np.zeros((size, size), np.uint8)
+    outline = []
     for points, value in contours:
         placed = (points * [aspect, 1.0]) @ rotation.T * radius + local_centre
         fixed = np.round(placed * (1 << SUBPIXEL_BITS)).astype(np.int32)
         cv2.fillPoly(coverage, [fixed], 255 * value, lineType=cv2.LINE_AA, shift=SUBPIXEL_BITS)
+        outline.append((placed + [x0, y0], value))
     dy, dx = np.mgrid[0:size, 0:size] - local_centre[::-1, None, None]
     u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    return x0, y0, coverage / 255.0, u, v
+    return x0, y0, coverage / 255.0, u, v, outline
 
 
 def _shade(colour: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float, rng: np.random.Generator) -> np.ndarray:
@@ -251,12 +288,15 @@ def _shade(colour: np.ndarray, u: np.ndarray, v: np.ndarray, radius: float, rng:
     return np.clip(colour * light[..., None], 0.0, 1.0)
 
 
-def _object_layer(spec: ClassSpec, class_index: int, width: int, height: int, rng: np.random.Generator) -> _Layer:
+def _object_layer(
+    spec: ClassSpec, class_index: int, width: int, height: int, rng: np.random.Generator,
+    diameter_range: tuple[float, float] = OBJECT_DIAMETER_RANGE,
+) -> _Layer:
     short_side = min(width, height)
-    radius = 0.5 * short_side * rng.uniform(*OBJECT_DIAMETER_RANGE)
+    radius = 0.5 * short_side * rng.uniform(*diameter_range)
     centre = (rng.uniform(0.5 * radius, width - 0.5 * radius), rng.uniform(0.5 * radius, height - 0.5 * radius))
     contours = _SHAPES[spec.name](rng)
-    x0, y0, alpha, u, v = _rasterise(
+    x0, y0, alpha, u, v, outline = _rasterise(
         contours, centre, radius, rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.9, 1.1)
     )
     hue = spec.hue + rng.uniform(-HUE_SPREAD, HUE_SPREAD)
@@ -266,13 +306,13 @@ def _object_layer(spec: ClassSpec, class_index: int, width: int, height: int, rn
     period = max(MIN_TEXTURE_PERIOD, spec.period * radius)
     pattern = _TEXTURES[spec.texture](u, v, period, rng)
     colour = dark + pattern[..., None] * (light - dark)
-    return _Layer(x0, y0, alpha, _shade(colour, u, v, radius, rng), class_index)
+    return _Layer(x0, y0, alpha, _shade(colour, u, v, radius, rng), class_index, outline)
 
 
 def _distractor_layer(width: int, height: int, rng: np.random.Generator) -> _Layer:
     radius = min(width, height) * rng.uniform(*DISTRACTOR_RADIUS_RANGE)
     centre = (rng.uniform(0, width), rng.uniform(0, height))
-    x0, y0, alpha, u, v = _rasterise(
+    x0, y0, alpha, u, v, outline = _rasterise(
         _distractor_shape(rng), centre, radius, rng.uniform(0.0, 2.0 * np.pi), rng.uniform(0.7, 1.3)
     )
     base = _hsv(rng.uniform(0.0, 360.0), rng.uniform(0.1, 0.7), rng.uniform(0.3, 0.95))
@@ -280,7 +320,7 @@ def _distractor_layer(width: int, height: int, rng: np.random.Generator) -> _Lay
         colour = np.broadcast_to(base, alpha.shape + (3,))
     else:
         colour = base * (0.6 + 0.4 * _blotches(alpha.shape, rng))[..., None]
-    return _Layer(x0, y0, alpha, _shade(colour, u, v, radius, rng), 0)
+    return _Layer(x0, y0, alpha, _shade(colour, u, v, radius, rng), 0, outline)
 
 
 def _background(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
@@ -311,20 +351,27 @@ def _background(width: int, height: int, rng: np.random.Generator) -> np.ndarray
     return np.clip(image, 0.0, 1.0)
 
 
+def _overlap(layer: _Layer, height: int, width: int) -> tuple[Window, Window] | None:
+    """The slices of a layer's patch and of an ``(H, W)`` image where they meet; None if they do not."""
+    size = layer.alpha.shape[0]
+    ix0, iy0 = max(layer.x0, 0), max(layer.y0, 0)
+    ix1, iy1 = min(layer.x0 + size, width), min(layer.y0 + size, height)
+    if ix0 >= ix1 or iy0 >= iy1:
+        return None
+    patch = (slice(iy0 - layer.y0, iy1 - layer.y0), slice(ix0 - layer.x0, ix1 - layer.x0))
+    return patch, (slice(iy0, iy1), slice(ix0, ix1))
+
+
 def _composite(image: np.ndarray, owner: np.ndarray, layer: _Layer, layer_id: int) -> tuple[int, int]:
     """Alpha-blend a layer into ``image`` and claim its covered pixels in ``owner``.
 
     Returns the shape's pixel count in the whole patch and inside the image.
     """
-    height, width = owner.shape
-    covered = layer.alpha >= 0.5
-    size = layer.alpha.shape[0]
-    ix0, iy0 = max(layer.x0, 0), max(layer.y0, 0)
-    ix1, iy1 = min(layer.x0 + size, width), min(layer.y0 + size, height)
-    if ix0 >= ix1 or iy0 >= iy1:
+    covered = layer.alpha >= COVERAGE_THRESHOLD
+    window = _overlap(layer, *owner.shape)
+    if window is None:
         return int(covered.sum()), 0
-    patch = (slice(iy0 - layer.y0, iy1 - layer.y0), slice(ix0 - layer.x0, ix1 - layer.x0))
-    region = (slice(iy0, iy1), slice(ix0, ix1))
+    patch, region = window
     alpha = layer.alpha[patch][..., None]
     image[region] = image[region] * (1.0 - alpha) + layer.colour[patch] * alpha
     owner[region][covered[patch]] = layer_id
@@ -401,7 +448,7 @@ def render_sample(
     else:
         raise RuntimeError(f"no visible object after {MAX_LAYOUT_ATTEMPTS} layouts of a {width}x{height} image")
     distractor_ids = [i for i, layer in enumerate(layers, start=1) if not layer.class_index]
-    image += rng.normal(0.0, 0.012, image.shape).astype(np.float32)
+    image += rng.normal(0.0, PHOTO_NOISE, image.shape).astype(np.float32)
     return Sample(
         image=_to_uint8(image),
         mask=mask,
@@ -448,11 +495,16 @@ def annotation_xml(sample_id: str, sample: Sample) -> str:
     return ElementTree.tostring(root, encoding="unicode") + "\n"
 
 
+def _jpeg(image: np.ndarray) -> bytes:
+    """An ``(H, W, 3)`` uint8 photo as JPEG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
 def write_sample(root: Path, sample_id: str, sample: Sample, palette: np.ndarray) -> None:
     """Write one sample's JPEG, XML and both mask PNGs, each atomically."""
-    buffer = io.BytesIO()
-    Image.fromarray(sample.image).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    atomic_write_bytes(root / "JPEGImages" / f"{sample_id}.jpg", buffer.getvalue())
+    atomic_write_bytes(root / "JPEGImages" / f"{sample_id}.jpg", _jpeg(sample.image))
     atomic_write_text(root / "Annotations" / f"{sample_id}.xml", annotation_xml(sample_id, sample))
     for folder in ("SegmentationClass", "SegmentationClassAug"):
         save_png(root / folder / f"{sample_id}.png", sample.mask, palette)
@@ -469,14 +521,7 @@ def generate_dataset(
     progress: bool = True,
 ) -> Path:
     """Write the whole dataset under ``out_dir``; returns the descriptor path (written last)."""
-    _check_classes(num_classes)
-    for name, value in (("num_train", num_train), ("num_val", num_val), ("min_size", min_size)):
-        if value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
-    if seed < 0:
-        raise ValueError(f"--seed must be non-negative, got {seed}")
-    if max_size < min_size:
-        raise ValueError(f"--max_size ({max_size}) must not be below --min_size ({min_size})")
+    _check_arguments(num_classes, num_train, num_val, seed, min_size, max_size)
     root = Path(out_dir)
     palette = voc_palette()
     jobs = [("train", index) for index in range(num_train)] + [("val", index) for index in range(num_val)]
@@ -506,6 +551,205 @@ def generate_dataset(
 def _check_classes(num_classes: int) -> None:
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"--num_classes must be in 1..{MAX_CLASSES}, got {num_classes}")
+
+
+def _check_arguments(num_classes: int, num_train: int, num_val: int, seed: int, min_size: int, max_size: int) -> None:
+    """The generator's settings, checked with messages naming the flags."""
+    _check_classes(num_classes)
+    for name, value in (("num_train", num_train), ("num_val", num_val), ("min_size", min_size)):
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    if seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {seed}")
+    if max_size < min_size:
+        raise ValueError(f"--max_size ({max_size}) must not be below --min_size ({min_size})")
+
+
+# ----------------------------------------------------------------------------- MS COCO layout
+@dataclass
+class CocoAnnotation:
+    """One instance annotation: class ``1..K``, crowd flag, COCO ``segmentation`` JSON (polygons, compressed
+    or uncompressed RLE) and the mask it decodes to, ``(H, W)`` bool."""
+
+    annotation_id: int
+    class_index: int
+    iscrowd: bool
+    segmentation: list | dict
+    mask: np.ndarray
+
+    def as_json(self, image_id: int) -> dict:
+        """The entry of ``instances_*.json``: area and box of the decoded mask, as COCO's."""
+        rle = mask_utils.encode(np.asfortranarray(self.mask.astype(np.uint8)))
+        return {
+            "id": self.annotation_id,
+            "image_id": image_id,
+            "category_id": COCO_CATEGORY_IDS[self.class_index - 1],
+            "segmentation": self.segmentation,
+            "area": float(self.mask.sum()),
+            "bbox": [float(value) for value in mask_utils.toBbox(rle)],
+            "iscrowd": int(self.iscrowd),
+        }
+
+
+@dataclass
+class CocoSample:
+    """One image of the COCO export: ``image (H, W, 3)`` uint8, its annotations (crowd first, then the
+    objects bottom to top) and the ground truth ``mask (H, W)`` uint8 that ``tools.prepare_coco`` must
+    reproduce: 0 background, class ids ``1..K``, 255 on crowd regions no object covers."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    annotations: list[CocoAnnotation]
+
+    @property
+    def labels(self) -> list[int]:
+        """Image-level class ids: every annotation's, crowd regions included."""
+        return sorted({annotation.class_index for annotation in self.annotations})
+
+
+def coco_image_id(split: str, index: int) -> int:
+    """Image ids step by ``COCO_IMAGE_ID_STRIDE`` and differ between splits, as COCO's."""
+    return index * COCO_IMAGE_ID_STRIDE + SPLIT_SEEDS[split] + 1
+
+
+def coco_file_name(split: str, index: int) -> str:
+    """``COCO_train2014_000000000001.jpg``: COCO 2014's naming."""
+    return f"COCO_{COCO_SPLIT_FOLDERS[split]}_{coco_image_id(split, index):012d}.jpg"
+
+
+def _frame_coverage(layer: _Layer, height: int, width: int) -> np.ndarray:
+    """The pixels a layer claims inside an ``(H, W)`` image (as ``_composite`` does), ``(H, W)`` bool."""
+    coverage = np.zeros((height, width), bool)
+    window = _overlap(layer, height, width)
+    if window is not None:
+        patch, region = window
+        coverage[region] = layer.alpha[patch] >= COVERAGE_THRESHOLD
+    return coverage
+
+
+def _compressed_rle(mask: np.ndarray) -> dict:
+    """``{"size": [H, W], "counts": "<string>"}`` of an ``(H, W)`` bool mask."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(side) for side in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's crowd format: run lengths of the column-major ``(H, W)`` bool mask, a background run first."""
+    flat = mask.ravel(order="F")
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return {"size": list(mask.shape), "counts": [0, *counts] if flat[0] else counts}
+
+
+def _polygon_annotation(layer: _Layer, annotation_id: int, height: int, width: int) -> CocoAnnotation:
+    """The shape's outline as a COCO polygon (it may reach outside the image) and what pycocotools draws."""
+    polygons = [np.round(points + COCO_PIXEL_CENTRE, POLYGON_DECIMALS).ravel().tolist()
+                for points, _ in layer.contours]
+    mask = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))).astype(bool)
+    return CocoAnnotation(annotation_id, layer.class_index, False, polygons, mask)
+
+
+def _object_annotation(layer: _Layer, number: int, annotation_id: int, height: int, width: int) -> CocoAnnotation:
+    """Even-numbered shapes without holes become polygons, the others compressed RLEs of their coverage."""
+    if number % 2 == 0 and not layer.has_holes:
+        return _polygon_annotation(layer, annotation_id, height, width)
+    coverage = _frame_coverage(layer, height, width)
+    return CocoAnnotation(annotation_id, layer.class_index, False, _compressed_rle(coverage), coverage)
+
+
+def render_coco_sample(
+    rng: np.random.Generator, num_classes: int, image_id: int, annotated: bool, crowd: bool,
+    min_size: int = 96, max_size: int = 192,
+) -> CocoSample:
+    """Draw one image of the COCO export and annotate it as COCO does.
+
+    Every object gets a polygon or an RLE of its whole in-frame shape, so annotations of overlapping
+    objects overlap; a crowd region is one uncompressed RLE over a group of small objects of one class.
+    The drawing order is prepare_coco's painting rule: distractors, the crowd, then the objects from the
+    largest annotation to the smallest (equal areas: lower annotation id first). Annotation ids are
+    shuffled within the image, so their order is not the drawing order. ``annotated=False`` draws only
+    the background and distractors.
+    """
+    _check_classes(num_classes)
+    width, height = (int(side) for side in rng.integers(min_size, max_size + 1, 2))
+    background = _background(width, height, rng)
+    distractors = [_distractor_layer(width, height, rng)
+                   for _ in range(int(rng.integers(DISTRACTOR_COUNT_RANGE[0], DISTRACTOR_COUNT_RANGE[1] + 1)))]
+    members: list[_Layer] = []
+    if crowd:
+        crowd_class = int(rng.integers(1, num_classes + 1))
+        members = [_object_layer(CLASS_SPECS[crowd_class - 1], crowd_class, width, height, rng, CROWD_DIAMETER_RANGE)
+                   for _ in range(int(rng.integers(CROWD_MEMBER_RANGE[0], CROWD_MEMBER_RANGE[1] + 1)))]
+    objects: list[_Layer] = []
+    if annotated:
+        count = int(rng.choice(len(OBJECT_COUNT_PROBABILITIES), p=OBJECT_COUNT_PROBABILITIES)) + 1
+        objects = [_object_layer(CLASS_SPECS[c - 1], int(c), width, height, rng)
+                   for c in rng.integers(1, num_classes + 1, count)]
+    ids = image_id * ANNOTATION_ID_BLOCK + rng.permutation(len(objects) + (1 if members else 0))
+    crowds = []
+    if members:
+        region = np.logical_or.reduce([_frame_coverage(layer, height, width) for layer in members])
+        crowds = [CocoAnnotation(int(ids[-1]), members[0].class_index, True, _uncompressed_rle(region), region)]
+    annotations = [_object_annotation(layer, number, int(ids[number]), height, width)
+                   for number, layer in enumerate(objects)]
+    order = sorted(range(len(objects)), key=lambda k: (-int(annotations[k].mask.sum()), annotations[k].annotation_id))
+    image = background.copy()
+    scratch_owner = np.zeros((height, width), np.int16)
+    for layer in [*distractors, *members, *(objects[k] for k in order)]:
+        _composite(image, scratch_owner, layer, 1)
+    mask = np.zeros((height, width), np.uint8)
+    for annotation in crowds:
+        mask[annotation.mask] = IGNORE_INDEX
+    drawn = [annotations[k] for k in order]
+    for annotation in drawn:
+        mask[annotation.mask] = annotation.class_index
+    image += rng.normal(0.0, PHOTO_NOISE, image.shape).astype(np.float32)
+    return CocoSample(_to_uint8(image), mask, crowds + drawn)
+
+
+def coco_sample(seed: int, split: str, index: int, num_classes: int, min_size: int, max_size: int) -> CocoSample:
+    """Image ``index`` of a split of the COCO export: every ``UNANNOTATED_PERIOD``-th shows no object,
+    every ``CROWD_PERIOD``-th of the others has a crowd region. Depends only on its arguments."""
+    annotated = index % UNANNOTATED_PERIOD != UNANNOTATED_PERIOD - 1
+    crowd = annotated and index % CROWD_PERIOD == 1
+    return render_coco_sample(sample_rng(seed, split, index), num_classes, coco_image_id(split, index), annotated,
+                              crowd, min_size, max_size)
+
+
+def generate_coco_dataset(
+    out_dir: str | Path,
+    num_classes: int = 6,
+    num_train: int = 400,
+    num_val: int = 100,
+    seed: int = 0,
+    min_size: int = 96,
+    max_size: int = 192,
+    progress: bool = True,
+) -> Path:
+    """Write the set in MS COCO 2014's layout under ``out_dir`` (``train2014/``, ``val2014/``,
+    ``annotations/instances_{train,val}2014.json``); returns ``out_dir``. Masks, lists and the
+    descriptor are ``tools.prepare_coco``'s to make.
+
+    Categories, images and annotations are listed in descending order, so a reader must sort them.
+    """
+    _check_arguments(num_classes, num_train, num_val, seed, min_size, max_size)
+    root = Path(out_dir)
+    categories = [{"id": COCO_CATEGORY_IDS[k], "name": CLASS_SPECS[k].name, "supercategory": "shape"}
+                  for k in reversed(range(num_classes))]
+    for split, count in (("train", num_train), ("val", num_val)):
+        folder = COCO_SPLIT_FOLDERS[split]
+        images, annotations = [], []
+        for index in tqdm(range(count), desc=f"synthetic {folder}", disable=not progress):
+            sample = coco_sample(seed, split, index, num_classes, min_size, max_size)
+            atomic_write_bytes(root / folder / coco_file_name(split, index), _jpeg(sample.image))
+            height, width = sample.mask.shape
+            image_id = coco_image_id(split, index)
+            images.append({"id": image_id, "file_name": coco_file_name(split, index), "height": height, "width": width})
+            annotations.extend(annotation.as_json(image_id) for annotation in sample.annotations)
+        content = {"info": {"description": "synthetic shapes in the MS COCO 2014 layout"},
+                   "images": images[::-1], "annotations": annotations[::-1], "categories": categories}
+        atomic_write_text(root / "annotations" / f"instances_{folder}.json", json.dumps(content) + "\n")
+    return root
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -569,6 +813,9 @@ def format_statistics(statistics: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="dataset root to write")
+    parser.add_argument("--format", choices=FORMATS, default="voc",
+                        help="voc: the VOC 2012 + SBD layout with masks and descriptor; coco: MS COCO 2014's "
+                             "photos and instances JSON, for python -m tools.prepare_coco")
     parser.add_argument("--stats", type=Path, metavar="DIR", help="only print the statistics of an existing set")
     parser.add_argument("--num_classes", type=int, default=6, help=f"object classes, 1..{MAX_CLASSES}")
     parser.add_argument("--num_train", type=int, default=400, help="train_aug images (train.txt: the first quarter)")
@@ -579,6 +826,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.stats is None and args.out is None:
         parser.error("give --out DIR to generate a dataset or --stats DIR to describe one")
+    if args.stats is not None and args.format != "voc":
+        parser.error("--stats describes a VOC-layout set; prepare a COCO-layout one with tools.prepare_coco")
     return args
 
 
@@ -587,12 +836,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.stats is not None:
         print(format_statistics(dataset_statistics(args.stats)))
         return
+    generate = generate_coco_dataset if args.format == "coco" else generate_dataset
     try:
-        generate_dataset(
-            args.out, args.num_classes, args.num_train, args.num_val, args.seed, args.min_size, args.max_size
-        )
+        generate(args.out, args.num_classes, args.num_train, args.num_val, args.seed, args.min_size, args.max_size)
     except ValueError as error:
         raise SystemExit(f"error: {error}") from error
+    if args.format == "coco":
+        print(f"Next: python -m tools.prepare_coco --coco_dir {args.out} --out {args.out / 'prepared'}")
+        return
     print(format_statistics(dataset_statistics(args.out)))
 
 
