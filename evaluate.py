@@ -16,6 +16,7 @@ from tools.arguments import StageArgumentParser, finite_float, non_negative_int,
 from tools.artifacts import ArtifactError, ExperimentPaths
 from tools.cli import add_dataset_args, add_jobs_arg, run_main
 from tools.descriptor import load_descriptor, read_id_list
+from tools.metrics import MEAN_OVER
 from tools.evaluation import (
     MODES,
     POST_PROCESSES,
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--max_th", type=finite_float, default=0.40, help="inclusive")
     protocol.add_argument("--step", type=positive_float, default=0.01)
     protocol.add_argument("--crf_iteration", type=non_negative_int, default=0, help="label-CRF iterations; 0 = no CRF")
+    protocol.add_argument("--mean_over", choices=MEAN_OVER, default="all",
+                          help="all: mean over every class of the descriptor, a class absent from GT and "
+                               "prediction counting 0 (the original); present: over the classes that occur")
     protocol.add_argument("--post_process", choices=POST_PROCESSES, default="erode",
                           help="without CRF: erode every region by 3 px as the original does, or nothing")
     add_jobs_arg(parser)
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         post_process=args.post_process,
         image_dir=data_dir / descriptor.image_dir if needs_photos else None,
         allow_pickle=args.allow_pickle,
+        mean_over=args.mean_over,
     )
     scores = evaluate(config, ids, n_jobs=args.n_jobs)
     result = summarise(scores, thresholds, descriptor.class_names)
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ids": args.list or args.domain,
         "num_images": len(ids),
         "mode": args.mode,
+        "mean_over": args.mean_over,
         "crf_iteration": args.crf_iteration,
         "post_process": args.post_process if args.mode != "png" and args.crf_iteration == 0 else "none",
     }

@@ -1,4 +1,4 @@
-"""AffinityNet: a frozen ResNet with a trainable edge branch whose edges define pixel affinities (METHOD.md part 2 §2).
+"""AffinityNet: a frozen ResNet with a trainable edge branch whose edges define pixel affinities (docs/method.md §11.4; loss §2.3).
 
 The backbone is torchvision's ResNet with every BatchNorm frozen (running statistics, eps 1e-5) and
 layer4 at stride 1 without dilation (output stride 16). Its five stage outputs are detached, so only the

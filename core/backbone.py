@@ -1,4 +1,4 @@
-"""Vision-transformer backbone on timm's ViT / DeiT models (METHOD.md section 3).
+"""Vision-transformer backbone on timm's ViT / DeiT models (docs/method.md §11.1).
 
 The timm model is kept as ``self.model``; only its patch embedding, blocks and final norm are used.
 Its own prefix tokens, position embedding and classifier heads are read once at construction and

@@ -1,4 +1,4 @@
-"""CAAE, the class-aware autoencoder (METHOD.md section 4).
+"""CAAE, the class-aware autoencoder (docs/method.md §11.2; loss §2.1).
 
 The encoder's patch tokens ``T (B, N, D)`` are lifted to per-class embeddings ``E = ReLU(T W)``
 ``(B, N, K*C)``. Summed over tokens they give the class embeddings (CRE) ``(B, K, C)``, compared by

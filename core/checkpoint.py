@@ -11,16 +11,13 @@ from safetensors.torch import load_file as load_safetensors
 from torch import Tensor
 from torch import nn
 
-from tools.artifacts import ArtifactError
+from core.errors import CheckpointError
+
 
 SAFETENSORS_SUFFIX = ".safetensors"
 LISTED_KEYS = 10  # keys named per kind of problem in an error message
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # torchvision's original ImageNet weights of every ResNet
 TRACKING_SUFFIX = "num_batches_tracked"  # a BatchNorm counter FrozenBatchNorm2d does not keep
-
-
-class CheckpointError(ArtifactError):
-    """A weight file that cannot be read or does not fit the model: the message names file and keys."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

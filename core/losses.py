@@ -1,4 +1,4 @@
-"""Losses of the CAAE and SemFormer stages (METHOD.md sections 4 and 5.3).
+"""Losses of the CAAE, SemFormer and segmentation stages (docs/method.md §2.1, §2.2, §2.4).
 
 Every loss is vectorised over images and classes, reads the class count ``K`` from its inputs and
 computes in float32, so it is safe to call on half-precision outputs under ``torch.autocast``.

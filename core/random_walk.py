@@ -1,4 +1,4 @@
-"""Pixel affinities from an edge map and the random walk that propagates CAMs along them (METHOD.md part 2).
+"""Pixel affinities from an edge map and the random walk that propagates CAMs along them (docs/method.md §5; path index §11.4).
 
 ``PathIndex`` enumerates, for every source pixel of an ``(h, w)`` grid, its neighbours within a radius
 (a half-disc, so each unordered pair appears once) and the pixels on the straight path between them.

@@ -1,4 +1,4 @@
-"""SemFormer: a ViT segmentor with one token per class, trained through a frozen CAAE (METHOD.md 5.1, 5.2, 7).
+"""SemFormer: a ViT segmentor with one token per class, trained through a frozen CAAE (docs/method.md §11.3, §2.2, §3; paper: arXiv:2210.14618).
 
 ``SemFormerSegmentor`` prepends ``K`` class tokens to the patch tokens. The class tokens give class
 embeddings ``(B, K, C)`` compared with the CAAE's class representations; the patch tokens give
@@ -70,7 +70,7 @@ class FeatureDropout(nn.Module):
 
 
 def class_relevant_attention(attentions: list[Tensor], num_tokens: int, grid: tuple[int, int]) -> Tensor:
-    """Class-relevant attention maps (METHOD.md 7, step 3) -> ``(B, K, h, w)`` in ``[0, 1)``.
+    """Class-relevant attention maps (docs/method.md §3, step 3) -> ``(B, K, h, w)`` in ``[0, 1)``.
 
     ``attentions`` are softmax probabilities ``(B, heads, K+N, K+N)`` of some blocks. The rows of
     the ``K = num_tokens`` class tokens over the ``N = h*w`` patch columns are averaged over heads,
@@ -148,7 +148,7 @@ class SemFormerSegmentor(nn.Module):
 
 
 def ae_inputs(images: Tensor, crop_boxes: Tensor, ae_size: int) -> tuple[Tensor, Tensor]:
-    """The CAAE-size view of a training batch and its valid-pixel mask (METHOD.md 2, AE-size path).
+    """The CAAE-size view of a training batch and its valid-pixel mask (docs/method.md §10.2, SemFormer's CAAE view).
 
     ``images (B, 3, S, S)`` are bilinearly resized (align_corners=True) to ``ae_size``;
     ``crop_boxes (B, 4)`` hold each crop's non-padded region ``[xmin, ymin, xmax, ymax]`` in input
@@ -193,7 +193,7 @@ class SemFormer(nn.Module):
     def forward_train(
         self, images: Tensor, ae_images: Tensor, labels: Tensor, grad_masks: Tensor
     ) -> dict[str, Tensor]:
-        """One training forward (METHOD.md 5.2).
+        """One training forward (docs/method.md §2.2).
 
         ``images (B, 3, S, S)``, ``ae_images (B, 3, s, s)`` and ``grad_masks (B, 1, s, s)`` from
         ``ae_inputs``, ``labels (B, K)`` with background. Returns ``masks (B, K, s, s)``,

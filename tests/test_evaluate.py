@@ -259,10 +259,14 @@ def test_png_mode_on_real_voc_masks(tmp_path):
     id_list = tmp_path / "sample.txt"
     id_list.write_text("\n".join(ids) + "\n")
     common = ["--mode", "png", "--gt_dir", str(gt_dir), "--list", str(id_list), "--dataset",
-              str(VOC_DESCRIPTOR), "--output_dir", str(tmp_path / "out"), "--n_jobs", "2"]
+              str(VOC_DESCRIPTOR), "--output_dir", str(tmp_path / "out"), "--n_jobs", "2", "--mean_over", "present"]
 
     itself = evaluate.main(["--pred_dir", str(gt_dir), *common])
     assert itself["best"]["miou"] == pytest.approx(100.0)
+    over_all = evaluate.main(["--pred_dir", str(gt_dir), *common[:-1], "all"])  # the original's mean
+    present = sum(value is not None for value in over_all["best"]["iou"].values())
+    assert over_all["settings"]["mean_over"] == "all"
+    assert over_all["best"]["miou"] == pytest.approx(100.0 * present / 21)
     assert itself["best"]["threshold"] is None
     assert (tmp_path / "out" / "evaluation_sample_png.json").is_file()
 

@@ -1,4 +1,4 @@
-"""Tests of core/losses.py against slow loop references written from METHOD.md sections 4 and 5.3."""
+"""Tests of core/losses.py against slow loop references written from docs/method.md §2.1 and §2.2."""
 
 import math
 
@@ -75,7 +75,7 @@ def reference_masked_suppression(masks, labels, valid):
 
 
 def reference_completion(masks, labels, valid):
-    """Literal METHOD.md 5.3 loop; returns a tensor so gradients can be compared too."""
+    """Literal loop of the activation-completion formula (docs/method.md §2.2); returns a tensor so gradients can be compared too."""
     batch = masks.shape[0]
     total = masks.new_zeros(())
     normaliser = 0.0

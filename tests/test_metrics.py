@@ -29,7 +29,7 @@ def test_confusion_matrix_by_hand_with_ignored_gt_and_abstained_prediction():
 
 
 def test_iou_fp_fn_by_hand():
-    scores = scores_from_confusion(confusion_matrix(GT, PRED, num_classes=4))
+    scores = scores_from_confusion(confusion_matrix(GT, PRED, num_classes=4), mean_over="present")
     # class 0: T=3 P=3 TP=2; class 1: T=4 P=4 TP=3; class 2: T=3 P=2 TP=2; class 3 absent
     np.testing.assert_allclose(scores.iou[:3], [2 / 4, 3 / 5, 2 / 3])
     np.testing.assert_allclose(scores.fp[:3], [1 / 4, 1 / 5, 0 / 3], atol=1e-12)
@@ -44,9 +44,20 @@ def test_iou_fp_fn_by_hand():
 def test_class_only_predicted_counts_as_zero_iou():
     gt = np.zeros((2, 2), int)
     pred = np.array([[0, 3], [0, 0]])
-    scores = scores_from_confusion(confusion_matrix(gt, pred, num_classes=4))
+    scores = scores_from_confusion(confusion_matrix(gt, pred, num_classes=4), mean_over="present")
     assert scores.iou[3] == 0.0 and scores.fp[3] == pytest.approx(1.0) and scores.fn[3] == 0.0
     assert scores.miou == pytest.approx(100 * (3 / 4 + 0.0) / 2)
+
+
+def test_mean_over_all_counts_absent_classes_as_zero_like_the_original():
+    gt = np.zeros((2, 2), int)
+    pred = np.array([[0, 3], [0, 0]])
+    matrix = confusion_matrix(gt, pred, num_classes=4)
+    scores = scores_from_confusion(matrix)  # the default: every class of the dataset
+    tp, total = np.diagonal(matrix[:, :4]), matrix.sum(axis=1) + matrix[:, :4].sum(axis=0)
+    original = 100 * np.mean(tp / (total - tp + 1e-10))  # the original's formula, absent classes give 0
+    assert scores.mean_over == "all" and scores.miou == pytest.approx(original) == pytest.approx(100 * 0.75 / 4)
+    assert scores_from_confusion(matrix, "present").miou == pytest.approx(100 * 0.75 / 2)
 
 
 def test_scores_match_a_per_pixel_reference_on_random_maps():

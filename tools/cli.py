@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from core.errors import CheckpointError
 from tools.arguments import UsageError, positive_int
 from tools.artifacts import ArtifactError, ExperimentPaths
-from tools.reader import VOCReader, make_reader
 from tools.descriptor import DEFAULT_DESCRIPTOR, DatasetDescriptor, DatasetError, load_descriptor, read_id_list
 from tools.parallel import default_jobs
+from tools.reader import VOCReader, make_reader
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -142,7 +143,7 @@ def _ignore_interrupts() -> None:
 
 def _outcome(error: BaseException) -> tuple[int, str] | None:
     """Exit status and message of an exception that ends a script, None for one that is a bug."""
-    if isinstance(error, (DatasetError, ArtifactError)):
+    if isinstance(error, (DatasetError, ArtifactError, CheckpointError)):
         return EXIT_ERROR, f"error: {error_message(error)}"
     if isinstance(error, UsageError):
         return EXIT_USAGE, f"error: {error}"

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tools.precision import allow_tf32
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -52,6 +54,7 @@ def init_distributed(device: str | None = None) -> DistContext:
         chosen = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
+    allow_tf32(chosen)
     if world_size > 1:
         missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
         if missing:
@@ -101,12 +104,15 @@ def gather_to_all(value: Any, context: DistContext) -> list[Any]:
 
 def inference_device(requested: str | None = None) -> torch.device:
     """``--device`` if given (checked by ``parse_device``), else this torchrun rank's GPU (``LOCAL_RANK``),
-    else the CPU."""
+    else the CPU; TF32 matmuls allowed on CUDA (``tools.precision.allow_tf32``)."""
     if requested:
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+        device = torch.device(requested)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        device = torch.device("cpu")
+    allow_tf32(device)
+    return device
 
 
 def parse_device(text: str) -> str:

@@ -88,7 +88,7 @@ class TrainConfig:
     momentum: float | None = None
     nesterov: bool = True
     accum_steps: int = 1
-    amp: str = "auto"
+    amp: str = "off"
     num_workers: int = 0
     seed: int = 0
     print_ratio: float = 0.1
@@ -171,8 +171,9 @@ def add_engine_args(
     group.add_argument("--nesterov", type=parse_bool, default=nesterov)
     group.add_argument("--accum_steps", type=positive_int, default=1,
                        help="split each global batch into this many micro-batches per process")
-    group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                       help="mixed precision; auto = bf16 on CUDA, off on CPU")
+    group.add_argument("--amp", choices=AMP_CHOICES, default="off",
+                       help="mixed precision: off (fp32 with TF32 matmuls on CUDA, as the original), bf16, fp16 "
+                            "(with a gradient scaler) or auto (bf16 on CUDA where supported, off on the CPU)")
     group.add_argument("--num_workers", type=non_negative_int, default=num_workers)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--print_ratio", type=float, default=0.1, help="log every this fraction of an epoch")

@@ -59,6 +59,7 @@ class EvaluationConfig:
     image_dir: Path | None = None
     image_suffix: str = ".jpg"
     allow_pickle: bool = False
+    mean_over: str = "all"
 
     @property
     def num_predictions(self) -> int:
@@ -210,7 +211,7 @@ def evaluate(config: EvaluationConfig, ids: list[str], n_jobs: int = 1) -> list[
     accumulator = ConfusionAccumulator(config.num_classes, config.num_predictions, config.ignore_index)
     for stack in parallel_map(partial(score_image, config), ids, n_jobs, desc=f"evaluate ({config.mode})"):
         accumulator.add(stack)
-    return accumulator.scores()
+    return accumulator.scores(config.mean_over)
 
 
 # ----------------------------------------------------------------------------- reporting

@@ -1,6 +1,6 @@
 """Import the original repository's SemFormer or CAAE checkpoint into this project's models.
 
-The original keys are this project's keys (METHOD.md, Appendix); the original also stored a few
+The original keys are this project's keys (docs/method.md §11.5); the original also stored a few
 tensors it never used (DeiT's own class token and position embedding in SemFormer, the distillation
 token and head in CAAE), which are reported and dropped. Every other key must be present with the
 shape the model expects. The model is built on the ``meta`` device (no weights, no download), only

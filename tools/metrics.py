@@ -9,8 +9,9 @@ value 255, as pseudo labels do). Pixels whose ground truth is 255 are skipped. W
     mIoU  = 100 * mean_c IoU_c              FN_c = (T - TP) / (T + P - TP + 1e-10)
 
 A class that appears neither in the ground truth nor in the prediction (``T + P = 0``) has no
-defined IoU; it is left out of the means (the original would count it as IoU 0, which only
-happens on subsets of a dataset). Many thresholds are scored at once by stacking matrices:
+defined IoU (NaN per class). The means count it as 0 by default, as the original does
+(``mean_over="all"``: the mean is over every class of the descriptor), or leave it out
+(``"present"``); the two differ only on lists that miss some classes. Many thresholds are scored at once by stacking matrices:
 ``(num_thresholds, C, C + 1)``.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 EPSILON = 1e-10
 IGNORE_INDEX = 255
 EROSION_KERNEL = np.ones((7, 7), dtype=np.uint8)
+MEAN_OVER = ("all", "present")
 
 
 def confusion_stack(
@@ -65,32 +67,44 @@ def confusion_matrix(
 
 @dataclass(frozen=True)
 class SegmentationScores:
-    """Per-class IoU, FP and FN fractions ``(C,)``; NaN for classes absent from GT and prediction."""
+    """Per-class IoU, FP and FN fractions ``(C,)``; NaN for classes absent from GT and prediction,
+    which the means count as 0 (``mean_over="all"``, the original) or leave out (``"present"``)."""
 
     iou: np.ndarray
     fp: np.ndarray
     fn: np.ndarray
+    mean_over: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.mean_over not in MEAN_OVER:
+            raise ValueError(f"mean_over must be one of {MEAN_OVER}, got {self.mean_over!r}")
+
+    def _mean(self, values: np.ndarray) -> float:
+        if self.mean_over == "all":
+            return float(np.nan_to_num(values, nan=0.0).mean()) if values.size else 0.0
+        defined = values[~np.isnan(values)]
+        return float(defined.mean()) if defined.size else 0.0
 
     @property
     def miou(self) -> float:
         """Mean IoU over the classes, in percent."""
-        return 100.0 * _mean(self.iou)
+        return 100.0 * self._mean(self.iou)
 
     @property
     def miou_foreground(self) -> float:
         """Mean IoU over the classes after the background (index 0), in percent."""
-        return 100.0 * _mean(self.iou[1:])
+        return 100.0 * self._mean(self.iou[1:])
 
     @property
     def fp_all(self) -> float:
-        return _mean(self.fp)
+        return self._mean(self.fp)
 
     @property
     def fn_all(self) -> float:
-        return _mean(self.fn)
+        return self._mean(self.fn)
 
 
-def scores_from_confusion(matrix: np.ndarray) -> SegmentationScores:
+def scores_from_confusion(matrix: np.ndarray, mean_over: str = "all") -> SegmentationScores:
     """IoU / FP / FN of a ``(C, C + 1)`` confusion matrix (the last column: abstained pixels)."""
     matrix = np.asarray(matrix, dtype=np.float64)
     num_classes = matrix.shape[0]
@@ -105,7 +119,7 @@ def scores_from_confusion(matrix: np.ndarray) -> SegmentationScores:
         iou = np.where(present, true_positive / (union + EPSILON), np.nan)
         fp = np.where(present, (predicted_count - true_positive) / (union + EPSILON), np.nan)
         fn = np.where(present, (gt_count - true_positive) / (union + EPSILON), np.nan)
-    return SegmentationScores(iou=iou, fp=fp, fn=fn)
+    return SegmentationScores(iou=iou, fp=fp, fn=fn, mean_over=mean_over)
 
 
 class ConfusionAccumulator:
@@ -129,9 +143,9 @@ class ConfusionAccumulator:
             raise ValueError(f"confusion stack {stack.shape} does not match the accumulator's {self.matrix.shape}")
         self.matrix += stack
 
-    def scores(self) -> list[SegmentationScores]:
+    def scores(self, mean_over: str = "all") -> list[SegmentationScores]:
         """One :class:`SegmentationScores` per threshold."""
-        return [scores_from_confusion(matrix) for matrix in self.matrix]
+        return [scores_from_confusion(matrix, mean_over) for matrix in self.matrix]
 
 
 def erode_labels(labels: np.ndarray) -> np.ndarray:
@@ -149,8 +163,3 @@ def erode_labels(labels: np.ndarray) -> np.ndarray:
         region = cv2.erode((labels == label).view(np.uint8), EROSION_KERNEL, iterations=1)
         np.copyto(eroded, label, where=region.view(bool))
     return eroded
-
-
-def _mean(values: np.ndarray) -> float:
-    defined = values[~np.isnan(values)]
-    return float(defined.mean()) if defined.size else 0.0

@@ -1,7 +1,7 @@
 """The original's optimiser: four parameter groups, SGD with its momentum-slot quirk, poly decay
 (and AdamW as an option).
 
-METHOD.md part 1 section 6 and part 2 section 3 (``tools/ai/optim_utils.py``,
+docs/method.md §10.1 and §9 (``tools/ai/optim_utils.py``,
 ``core/abc_modules.py`` in the original).
 """
 from __future__ import annotations

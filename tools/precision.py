@@ -20,6 +20,14 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, let float32 matmuls and convolutions use TF32, as torch 1.7 (the original's) did by
+    default: ``--amp off`` then reproduces the original's precision, not a stricter fp32."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast(device: torch.device, amp: str) -> AbstractContextManager:
     """``torch.autocast`` for ``--amp`` on ``device``, or nothing for full precision."""
     dtype = resolve_amp(amp, device)

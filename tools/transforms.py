@@ -1,4 +1,4 @@
-"""Training and evaluation transforms of every stage (METHOD.md part 1 §1-2, part 2 §3 and §6.2).
+"""Training and evaluation transforms of every stage (docs/method.md §10.2; the DeepLab recipe: §7).
 
 Images stay PIL until normalisation, so colour jitter and every resize run through PIL as in the
 original. Masks travel beside them as ``tv_tensors.Mask`` and follow each geometric step with
