@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         transform = affinity_train_transform(args.image_size, args.min_image_size, args.max_image_size,
                                              LABEL_STRIDE, color_jitter="colorjitter" in args.augment)
         dataset = AffinityDataset(data.reader, data.ids, label_dir, transform)
-        groups = parameter_groups(model, config.lr, config.weight_decay, multipliers=False)
+        groups = parameter_groups(model, config.lr, config.weight_decay)
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
         num_classes = data.descriptor.num_classes

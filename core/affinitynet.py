@@ -17,6 +17,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
 from core.checkpoint import load_imagenet_weights
+from core.param_groups import ParameterGroup
 from core.random_walk import PathIndex, edge_to_affinity
 
 BACKBONE_CHANNELS = {
@@ -105,9 +106,10 @@ class AffinityNet(nn.Module):
     def edge_layers(self) -> tuple[nn.Module, ...]:
         return (self.fc_edge1, self.fc_edge2, self.fc_edge3, self.fc_edge4, self.fc_edge5, self.fc_edge6)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The edge branch's parameters, the only ones the optimizer updates."""
-        return [parameter for layer in self.edge_layers for parameter in layer.parameters()]
+    def parameter_groups(self) -> list[ParameterGroup]:
+        """One group, the edge branch (the backbone is frozen): lr and weight decay as given, as the
+        original's PolyOptimizer over ``trainable_parameters``."""
+        return [ParameterGroup("edge", [parameter for layer in self.edge_layers for parameter in layer.parameters()])]
 
     def train(self, mode: bool = True) -> AffinityNet:
         """Train the edge branch; the backbone always stays in eval mode."""

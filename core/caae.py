@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from core.backbone import CAAE_BACKBONE, ViTBackbone
 from core.losses import cosine_similarity
+from core.param_groups import ParameterGroup, original_groups
 
 REDUCTIONS = ("sum", "mean")
 DECODER_MLP_RATIO = 4.0
@@ -117,6 +118,10 @@ class CAAE(nn.Module):
         """Learned class representations, the same for every image -> ``(batch_size, K, C)``."""
         class_ids = torch.arange(self.num_classes, device=self.crs[0].weight.device)
         return self.crs(class_ids).unsqueeze(0).expand(batch_size, -1, -1)
+
+    def parameter_groups(self) -> list[ParameterGroup]:
+        """The original's four groups: the ViT encoder is pretrained, the rest is new."""
+        return original_groups(self, pretrained=("encoder.",))
 
     def reconstruct(self, embeddings: Tensor, grid: tuple[int, int]) -> Tensor:
         """Decode per-token class embeddings ``(B, N, K*C)`` into an image ``(B, 3, h*p, w*p)``."""

@@ -24,6 +24,7 @@ from torchvision.models.resnet import ResNet
 from torchvision.ops import FrozenBatchNorm2d
 
 from core.checkpoint import load_imagenet_weights
+from core.param_groups import ParameterGroup, original_groups
 
 ARCHITECTURES = ("deeplabv2", "deeplabv1", "deeplabv3plus")
 BN_MODES = ("frozen", "train")
@@ -221,6 +222,10 @@ class DeepLab(nn.Module):
             self.head = DeepLabV1Head(channels, num_classes)
         else:
             self.head = DeepLabV3PlusHead(channels, self.backbone.low_level_channels, num_classes)
+
+    def parameter_groups(self) -> list[ParameterGroup]:
+        """The original's four groups: the ResNet is pretrained, the head is new (10x / 20x lr)."""
+        return original_groups(self, pretrained=("backbone.",))
 
     def forward(self, images: Tensor) -> Tensor:
         low_level, features = self.backbone(images)

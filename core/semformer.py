@@ -18,6 +18,7 @@ from core.backbone import DEFAULT_ATTN_LAYERS, SEMFORMER_BACKBONE, ViTBackbone
 from core.caae import CAAE
 from core.checkpoint import CheckpointError, load_strict
 from core.losses import cosine_similarity, seen_pairs
+from core.param_groups import ParameterGroup, original_groups
 
 SEGMENTOR_PREFIX = "segmentor."
 SEG_DROPOUT_MODES = ("token", "channel")
@@ -120,6 +121,11 @@ class SemFormerSegmentor(nn.Module):
         self.cls_posembed = nn.Parameter(self.backbone.cls_pos_init.repeat(1, num_classes, 1))
         self.cls_head = SeparateLinear(embed_dim, class_dim, groups=num_classes)
         self.seg_head = nn.Sequential(FeatureDropout(dropout, seg_dropout), nn.Linear(embed_dim, num_classes))
+
+    def parameter_groups(self) -> list[ParameterGroup]:
+        """The original's four groups: the ViT backbone is pretrained; the class tokens, their position
+        embeddings and both heads are new."""
+        return original_groups(self, pretrained=("backbone.",))
 
     def forward(
         self, images: Tensor, return_cra: bool = False, cra_layers: int = DEFAULT_ATTN_LAYERS

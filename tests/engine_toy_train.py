@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from core.param_groups import ParameterGroup, original_groups
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import FitResult, Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
@@ -50,6 +51,11 @@ class ToyNet(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(CLASSES))
         self.frozen = nn.Linear(CHANNELS, CHANNELS)
         self.frozen.requires_grad_(False)
+
+    def parameter_groups(self) -> list[ParameterGroup]:
+        """The original's four groups, ``stage_scale`` counted as pretrained (its name matched the
+        original's 'stage' marker)."""
+        return original_groups(self, pretrained=("backbone.", "stage_scale"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> logits ``(B, CLASSES)``."""

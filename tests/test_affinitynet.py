@@ -48,8 +48,8 @@ def test_layer4_has_stride_one_and_no_dilation(backbone):
 
 def test_resnet50_edge_branch_has_125k_parameters():
     model = AffinityNet("resnet50")
-    assert sum(p.numel() for p in model.trainable_parameters()) == 125_409
-    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.trainable_parameters()}
+    assert sum(p.numel() for p in model.parameter_groups()[0].params) == 125_409
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.parameter_groups()[0].params}
 
 
 def test_backbone_is_frozen_through_a_training_step():
@@ -63,14 +63,14 @@ def test_backbone_is_frozen_through_a_training_step():
         norm.running_mean.uniform_(-0.1, 0.1)
         norm.running_var.uniform_(0.5, 1.5)
     backbone_before = {k: v.clone() for stage in model.stages for k, v in stage.state_dict().items()}
-    edge_before = [p.detach().clone() for p in model.trainable_parameters()]
+    edge_before = [p.detach().clone() for p in model.parameter_groups()[0].params]
     images = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         eval_logits = model.eval()(images)
     model.train()
     torch.testing.assert_close(model(images), eval_logits)  # running statistics in train mode too
 
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameter_groups()[0].params, lr=0.1)
     targets = affinity_targets(torch.randint(0, 3, (16, 20)), PathIndex(5, (16, 20)), num_classes=3)
     losses = affinity_loss(model.affinity(model(images)), *(t.expand(2, -1, -1) for t in targets))
     losses["loss"].backward()
@@ -79,7 +79,7 @@ def test_backbone_is_frozen_through_a_training_step():
     assert all(p.grad is None for stage in model.stages for p in stage.parameters())
     backbone_after = {k: v for stage in model.stages for k, v in stage.state_dict().items()}
     assert all(torch.equal(backbone_before[k], backbone_after[k]) for k in backbone_before)
-    assert any(not torch.equal(a, b) for a, b in zip(edge_before, model.trainable_parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(edge_before, model.parameter_groups()[0].params))
 
 
 def toy_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +102,7 @@ def test_loss_is_finite_and_decreases_on_a_toy_batch():
     images, label = toy_batch()
     targets = [t.expand(2, -1, -1) for t in affinity_targets(label, path_index, num_classes=3)]
     assert all(t.sum() > 0 for t in targets)
-    optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameter_groups()[0].params, lr=0.1, momentum=0.9)
     history = []
     for _ in range(8):
         losses = affinity_loss(model.affinity(model(images)), *targets)

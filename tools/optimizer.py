@@ -1,5 +1,5 @@
-"""The original's optimiser: four parameter groups, SGD with its momentum-slot quirk, poly decay
-(and AdamW as an option).
+"""The original's optimiser: the groups each model declares, SGD with its momentum-slot quirk, poly
+decay (and AdamW as an option).
 
 docs/method.md §10.1 and §9 (``tools/ai/optim_utils.py``,
 ``core/abc_modules.py`` in the original).
@@ -10,45 +10,22 @@ from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from core.param_groups import check_groups
+
 OPTIMIZERS = ("sgd", "adamw")
-PRETRAINED_MARKERS = ("model", "stage", "backbone")
-WEIGHT_MARKER = "weight"
 POLY_POWER = 0.9
-# (name, lr multiplier, decayed) of groups 0..3, in the original's order.
-GROUP_LAYOUT = (
-    ("pretrained_weights", 1.0, True),
-    ("pretrained_biases", 2.0, False),
-    ("new_weights", 10.0, True),
-    ("new_biases", 20.0, False),
-)
 
 
-def group_index(name: str) -> int:
-    """Group of a parameter name: pretrained if it contains 'model', 'stage' or 'backbone';
-    a weight if it contains 'weight' (everything else, e.g. tokens and positional embeddings, is a 'bias')."""
-    pretrained = any(marker in name for marker in PRETRAINED_MARKERS)
-    return (0 if pretrained else 2) + (0 if WEIGHT_MARKER in name else 1)
-
-
-def parameter_groups(model: nn.Module, lr: float, weight_decay: float, multipliers: bool = True) -> list[dict]:
-    """SGD parameter groups of the trainable (``requires_grad``) parameters.
-
-    With ``multipliers`` the original's four groups (always four, some may be empty):
-    0 pretrained weights (1x lr, wd), 1 pretrained non-weights (2x, 0), 2 new weights (10x, wd),
-    3 new non-weights (20x, 0). Without (AffinityNet's PolyOptimizer): one group, lr and wd for all.
-    """
-    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-    if not multipliers:
-        return [{"name": "all", "params": [parameter for _, parameter in trainable],
-                 "lr": lr, "weight_decay": weight_decay}]
-    members: list[list[nn.Parameter]] = [[] for _ in GROUP_LAYOUT]
-    for name, parameter in trainable:
-        members[group_index(name)].append(parameter)
-    return [
-        {"name": group_name, "params": params, "lr": lr * multiplier,
-         "weight_decay": weight_decay if decayed else 0.0}
-        for (group_name, multiplier, decayed), params in zip(GROUP_LAYOUT, members)
-    ]
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """Optimiser groups from ``model.parameter_groups()`` (``core.param_groups``): each group's lr is
+    ``lr * lr_multiplier``, its weight decay ``weight_decay`` or 0. The declared groups must hold every
+    trainable parameter exactly once (``check_groups``)."""
+    if not hasattr(model, "parameter_groups"):
+        raise TypeError(f"{type(model).__name__} declares no parameter_groups() (see core/param_groups.py)")
+    declared = model.parameter_groups()
+    check_groups(model, declared)
+    return [{"name": group.name, "params": group.params, "lr": lr * group.lr_multiplier,
+             "weight_decay": weight_decay if group.decayed else 0.0} for group in declared]
 
 
 def build_optimizer(
