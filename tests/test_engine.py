@@ -21,7 +21,7 @@ from tools.checkpoint import load_checkpoint
 from tools.distributed import DistContext
 from tools.engine import Trainer, TrainConfig
 from tools.loader import EpochSampler, SeededDataset, micro_batch_size, seed_everything
-from tools.optimizer import build_optimizer, build_poly_scheduler, parameter_groups
+from tools.optimizer import LearningRateFactor, build_optimizer, build_scheduler, parameter_groups
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "engine_toy_train.py"
@@ -111,7 +111,7 @@ def test_poly_schedule_values():
     model = ToyNet()
     optimizer = build_optimizer(parameter_groups(model, 0.01, 5e-4), 0.01, 5e-4)
     max_step = 10
-    scheduler = build_poly_scheduler(optimizer, max_step)
+    scheduler = build_scheduler(optimizer, "poly", max_step)
     seen = {}
     for step in range(max_step):
         seen[step] = [group["lr"] for group in optimizer.param_groups]
@@ -330,10 +330,21 @@ def test_resume_refuses_changed_settings(tmp_path, reference):
         toy_main(["--experiments_dir", str(root), "--resume", "--optimizer", "adamw"])
 
 
-def test_adamw_trains_and_resumes_exactly(tmp_path):
+def test_cosine_and_constant_schedules_with_warm_up():
+    cosine = LearningRateFactor("cosine", max_step=12, warmup_iters=2)
+    assert [cosine(step) for step in (0, 1, 2)] == pytest.approx([0.5, 1.0, 1.0])
+    assert cosine(7) == pytest.approx(0.5) and cosine(12) == pytest.approx(0.0)
+    assert [LearningRateFactor("constant", 10, 4)(step) for step in (0, 3, 9)] == pytest.approx([0.25, 1.0, 1.0])
+    assert LearningRateFactor("poly", 10)(5) == pytest.approx(0.5 ** 0.9)
+    with pytest.raises(ValueError, match="--warmup_iters 10 must be below"):
+        LearningRateFactor("cosine", 10, 10)
+
+
+def test_adamw_cosine_warm_up_and_clipping_train_and_resume_exactly(tmp_path):
     def run(root, stop_at: int | None = None, resume: bool = False):
         config = TrainConfig(tag=TAG, max_epoch=3, batch_size=8, lr=0.01, weight_decay=1e-4, optimizer="adamw",
-                             select_by="last", experiments_dir=str(root), resume=resume)
+                             select_by="last", experiments_dir=str(root), resume=resume, schedule="cosine",
+                             warmup_iters=3, clip_grad_norm=0.5)
         seed_everything(0)
         model = ToyNet()
         optimizer = build_optimizer(parameter_groups(model, 0.01, 1e-4), 0.01, 1e-4, kind="adamw")
@@ -348,7 +359,9 @@ def test_adamw_trains_and_resumes_exactly(tmp_path):
         return trainer.fit()
 
     assert not run(tmp_path / "whole").interrupted
-    assert "AdamW, lr 0.01" in ExperimentPaths(tmp_path / "whole").text_log(TAG).read_text()
+    header = ExperimentPaths(tmp_path / "whole").text_log(TAG).read_text()
+    assert "AdamW, lr 0.01, weight decay 0.0001, cosine schedule after 3 warm-up iterations, gradient norm " \
+           "clipped at 0.5" in header
     assert run(tmp_path / "resumed", stop_at=6).interrupted
     assert load_checkpoint(ExperimentPaths(tmp_path / "resumed").checkpoint(TAG))["global_step"] == 6
     result = run(tmp_path / "resumed", resume=True)

@@ -57,7 +57,7 @@ from tools.distributed import DistContext, any_rank, gather_to_all, mean_over_ra
 from tools.loader import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
                           seed_everything)
 from tools.logger import TrainingLogger, format_duration
-from tools.optimizer import OPTIMIZERS, build_poly_scheduler
+from tools.optimizer import OPTIMIZERS, SCHEDULES, build_scheduler
 from tools.precision import AMP_CHOICES, resolve_amp
 from tools.provenance import run_record
 
@@ -68,7 +68,7 @@ CHECKPOINT_FORMAT = 1
 # (the optimiser's lr / weight decay / momentum come back from the checkpoint, so changing them would be
 # silently ignored).
 RESUME_INVARIANTS = ("tag", "max_epoch", "max_iters", "batch_size", "optimizer", "lr", "weight_decay", "momentum",
-                     "nesterov", "seed")
+                     "nesterov", "seed", "schedule", "warmup_iters", "clip_grad_norm")
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 EvaluateFn = Callable[[nn.Module], Mapping[str, Any]]
@@ -99,6 +99,9 @@ class TrainConfig:
     optimizer: str = "sgd"
     eval_every: int = 1
     overwrite: bool = False
+    schedule: str = "poly"
+    warmup_iters: int = 0
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if not self.tag:
@@ -128,7 +131,8 @@ class TrainConfig:
             print_ratio=args.print_ratio, select_by="last" if args.select_by == "last" else "gt",
             experiments_dir=str(args.experiments_dir), resume=args.resume,
             max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer, eval_every=args.eval_every,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, schedule=args.schedule, warmup_iters=args.warmup_iters,
+            clip_grad_norm=args.clip_grad_norm,
         )
 
     @property
@@ -163,6 +167,12 @@ def add_engine_args(
         group.add_argument("--max_iters", type=positive_int, default=max_iters, help="optimiser steps in all")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                        help="sgd (the original's) or adamw (which ignores --momentum and --nesterov)")
+    group.add_argument("--schedule", choices=SCHEDULES, default="poly",
+                       help="lr decay over the run: poly (power 0.9, the original), cosine or constant")
+    group.add_argument("--warmup_iters", type=non_negative_int, default=0,
+                       help="linear lr warm-up over this many first iterations (the original: none)")
+    group.add_argument("--clip_grad_norm", type=positive_float, default=None,
+                       help="clip the gradients' global norm to this value (the original: no clipping)")
     group.add_argument("--lr", type=positive_float, default=lr, help="base lr (x1/2/10/20 per parameter group)")
     group.add_argument("--wd", type=non_negative_float, default=wd, help="weight decay")
     group.add_argument("--momentum", type=non_negative_float, default=momentum,
@@ -317,7 +327,10 @@ class Trainer:
             self.model = DistributedDataParallel(self.module, device_ids=device_ids,
                                                  find_unused_parameters=find_unused_parameters)
         self.optimizer = optimizer
-        self.scheduler = build_poly_scheduler(optimizer, self.max_step)
+        try:
+            self.scheduler = build_scheduler(optimizer, config.schedule, self.max_step, config.warmup_iters)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         self.scaler = torch.amp.GradScaler(context.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.dataset = SeededDataset(dataset, config.seed)
@@ -414,6 +427,9 @@ class Trainer:
             for name, value in outputs.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float().reshape(()) / accum_steps
         self._last_lr = self.optimizer.param_groups[0]["lr"]
+        if self.config.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.config.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -501,7 +517,9 @@ class Trainer:
             f"{self.dataset_size} samples, {self.steps_per_epoch} iterations/epoch, {self.max_step} iterations "
             f"({self.num_epochs} epochs); global batch {config.batch_size} = {context.world_size} process(es) x "
             f"{config.accum_steps} accumulation step(s) x {self.micro_batch}; {optimizer}, lr {config.lr}, "
-            f"weight decay {config.weight_decay}, "
+            f"weight decay {config.weight_decay}, {config.schedule} schedule"
+            f"{f' after {config.warmup_iters} warm-up iterations' if config.warmup_iters else ''}"
+            f"{f', gradient norm clipped at {config.clip_grad_norm}' if config.clip_grad_norm else ''}, "
             f"amp {self.amp_dtype or 'off'}, device {context.device}"
         )
         for note in self._notes:

@@ -6,6 +6,8 @@ docs/method.md §10.1 and §9 (``tools/ai/optim_utils.py``,
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 from torch.optim import SGD, AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -13,6 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from core.param_groups import check_groups
 
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("poly", "cosine", "constant")
 POLY_POWER = 0.9
 
 
@@ -51,18 +54,33 @@ def build_optimizer(
                nesterov=nesterov and effective_momentum > 0)
 
 
-class PolyDecay:
-    """lr factor ``(1 - t / max_step) ** power`` for step ``t`` (1 at the first step, 0 from max_step on)."""
+class LearningRateFactor:
+    """lr factor of optimiser step ``t``: a linear warm-up from ``1 / warmup_iters`` to 1 over the first
+    ``warmup_iters`` steps, then ``poly`` ``(1 - t / max_step) ** 0.9`` (the original), ``cosine``
+    ``(1 + cos(pi * u)) / 2`` with ``u`` the fraction of the post-warm-up steps done, or ``constant`` 1.
+    Without warm-up, step 0 has factor 1 and ``max_step`` factor 0 (poly, cosine)."""
 
-    def __init__(self, max_step: int, power: float = POLY_POWER) -> None:
+    def __init__(self, schedule: str, max_step: int, warmup_iters: int = 0, power: float = POLY_POWER) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {SCHEDULES}, got {schedule!r}")
         if max_step <= 0:
-            raise ValueError(f"poly schedule needs max_step > 0, got {max_step}")
-        self.max_step, self.power = max_step, power
+            raise ValueError(f"a schedule needs max_step > 0, got {max_step}")
+        if not 0 <= warmup_iters < max_step:
+            raise ValueError(f"--warmup_iters {warmup_iters} must be below the {max_step} training iterations")
+        self.schedule, self.max_step, self.warmup_iters, self.power = schedule, max_step, warmup_iters, power
 
     def __call__(self, step: int) -> float:
-        return max(0.0, 1.0 - step / self.max_step) ** self.power
+        if step < self.warmup_iters:
+            return (step + 1) / self.warmup_iters
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "poly":
+            return max(0.0, 1.0 - step / self.max_step) ** self.power
+        done = min(1.0, (step - self.warmup_iters) / (self.max_step - self.warmup_iters))
+        return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
-def build_poly_scheduler(optimizer: Optimizer, max_step: int, power: float = POLY_POWER) -> LambdaLR:
-    """Poly decay of every group's initial lr; call ``scheduler.step()`` after each optimiser step."""
-    return LambdaLR(optimizer, PolyDecay(max_step, power))
+def build_scheduler(optimizer: Optimizer, schedule: str, max_step: int, warmup_iters: int = 0) -> LambdaLR:
+    """Every group's initial lr times ``LearningRateFactor``; call ``scheduler.step()`` after each
+    optimiser step."""
+    return LambdaLR(optimizer, LearningRateFactor(schedule, max_step, warmup_iters))
