@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_ROOT := demo_data
 DEMO_OUTPUTS := $(DEMO_ROOT)/synthetic $(DEMO_ROOT)/experiments
 
-.PHONY: install test demo clean-demo
+.PHONY: install test bench demo clean-demo
 
 install: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): requirements.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Throughput and peak memory of every stage: tiny configs on the CPU, paper configs on a GPU if there is
+# one; writes experiments/bench/bench.json and bench.md.
+bench: $(STAMP)
+	$(PY) -m tools.bench --all
 
 demo: $(STAMP)
 	$(PY) run_pipeline.py --recipe demo

@@ -23,7 +23,7 @@ from tools.dataset import AffinityDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
-from tools.model_args import describe_model
+from tools.model_args import add_pretrained_arg, describe_model
 from tools.provenance import folder_input
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.transforms import affinity_train_transform
@@ -38,9 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_dataset_args(parser, domain="train_aug")
     add_engine_args(parser, batch_size=32, max_epoch=3, lr=0.1, wd=1e-4, num_workers=8, select_by="last")
     parser.add_argument("--architecture", default="resnet50", choices=("resnet50", "resnet34", "resnet18"))
-    parser.add_argument("--pretrained", default="none",
-                        help="imagenet (torchvision's weights, downloaded), none (random init) or a local "
-                             ".pth / .safetensors file of a torchvision ResNet")
+    add_pretrained_arg(parser, "torchvision's ResNet")
     parser.add_argument("--image_size", type=positive_int, default=512, help="crop size")
     parser.add_argument("--min_image_size", type=positive_int, default=320)
     parser.add_argument("--max_image_size", type=positive_int, default=640)

@@ -21,7 +21,7 @@ from tools.dataset import CAMTestDataset, ClassificationDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
-from tools.model_args import add_caae_args, caae_config, describe_model, pretrained_kwargs
+from tools.model_args import add_caae_args, add_pretrained_arg, caae_config, describe_model
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import caae_selection_score
 from tools.transforms import caae_eval_transform, caae_train_transform
@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, batch_size=64, max_epoch=200, lr=0.025, wd=5e-4, num_workers=16,
                     tag="CAAE@DeiT-B-Dist")
     add_caae_args(parser)
+    add_pretrained_arg(parser, "timm's DeiT")
     parser.add_argument("--augment", default="colorjitter,randomexpand",
                         help="comma-separated subset of colorjitter,randomexpand")
     parser.add_argument("--eval_domain", default="train", help="list with GT used for checkpoint selection")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         seed_everything(config.seed)
         num_classes = data.descriptor.num_classes
         model_config = caae_config(args)
-        model = CAAE(num_classes, **model_config, **pretrained_kwargs(args),
+        model = CAAE(num_classes, **model_config, pretrained=args.pretrained,
                      grad_checkpointing=args.grad_checkpointing)
         augment = set(filter(None, args.augment.split(",")))
         transform = caae_train_transform(args.image_size, color_jitter="colorjitter" in augment,

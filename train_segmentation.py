@@ -34,7 +34,7 @@ from tools.dataset import CAMTestDataset, SegmentationDataset
 from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
-from tools.model_args import describe_model
+from tools.model_args import add_pretrained_arg, describe_model
 from tools.provenance import external_input, folder_input
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import segmentation_selection_score
@@ -54,9 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--architecture", choices=ARCHITECTURES, default="deeplabv2")
     model.add_argument("--backbone", default="resnet101", help="any torchvision ResNet (resnet18 ... resnet152)")
-    model.add_argument("--pretrained", default="imagenet",
-                       help="imagenet (torchvision's weights, downloaded), none (random init) or a local "
-                            ".pth / .safetensors file of a torchvision ResNet")
+    add_pretrained_arg(model, "torchvision's ResNet")
     model.add_argument("--backbone_bn", choices=BN_MODES, default="frozen",
                        help="frozen: BatchNorm fixed (the recipes, with ImageNet weights); train: ordinary "
                             "BatchNorm (needed from random init)")

@@ -25,8 +25,8 @@ from tools.distributed import destroy_distributed, init_distributed
 from tools.engine import Trainer, TrainConfig, add_engine_args
 from tools.loader import seed_everything
 from tools.logger import TrainingLogger
-from tools.model_args import (add_caae_args, add_semformer_args, caae_config, describe_model, load_model_config,
-                              pretrained_kwargs, semformer_config)
+from tools.model_args import (add_caae_args, add_pretrained_arg, add_semformer_args, caae_config, describe_model,
+                              load_model_config, semformer_config)
 from tools.provenance import model_input
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import semformer_selection_score
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
                     tag="SemFormer@CAAE@DeiT-B-Dist")
     add_semformer_args(parser)
+    add_pretrained_arg(parser, "timm's DeiT")
     parser.add_argument("--ae_tag", required=True, help="the CAAE under experiments/models/ (train_caae.py)")
     add_caae_args(parser, prefix="ae_")
     parser.add_argument("--min_image_size", type=positive_int, default=224)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         seed_everything(config.seed)
         num_classes = data.descriptor.num_classes
         model_config = semformer_config(args)
-        segmentor = SemFormerSegmentor(num_classes, **model_config, **pretrained_kwargs(args),
+        segmentor = SemFormerSegmentor(num_classes, **model_config, pretrained=args.pretrained,
                                        grad_checkpointing=args.grad_checkpointing)
         groups = parameter_groups(segmentor, config.lr, config.weight_decay)  # before the AE joins: never trained
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from core.checkpoint import load_strict, read_state_dict
+from core.errors import CheckpointError
 
 SEMFORMER_BACKBONE = "deit_small_patch16_224"
 CAAE_BACKBONE = "deit_base_distilled_patch16_224"
@@ -89,6 +90,21 @@ def block_with_attention(block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
     return x, probabilities
 
 
+def _create_timm_model(model_name: str, download: bool, overrides: dict) -> nn.Module:
+    """``timm.create_model``; a failed download of the ImageNet weights becomes one ``CheckpointError``
+    line that names the offline alternatives."""
+    try:
+        return timm.create_model(model_name, pretrained=download, **overrides)
+    except Exception as error:  # offline, proxy, damaged cache: requests, OSError, RuntimeError, ...
+        if not download:
+            raise
+        first_line = str(error).strip().split("\n", 1)[0]
+        raise CheckpointError(
+            f"cannot fetch timm's {model_name} ImageNet weights ({type(error).__name__}: {first_line}); on an "
+            "offline machine pass a local file with --pretrained PATH, or train from scratch with --pretrained none"
+        ) from error
+
+
 class ViTBackbone(nn.Module):
     """A timm ViT / DeiT returning normalised patch tokens, optionally behind extra leading tokens.
 
@@ -97,9 +113,10 @@ class ViTBackbone(nn.Module):
             (paper: ``deit_small_patch16_224`` for SemFormer, ``deit_base_distilled_patch16_224`` for CAAE).
         image_size: training image size; the position-embedding grid is resized once to
             ``image_size // patch_size`` per side (448 -> 28 x 28 for SemFormer).
-        pretrained: download timm's weights (needs network access or a warm cache).
-        pretrained_path: a ``.pth`` (DeiT's ``{'model': ...}`` or a plain state dict) or
-            ``.safetensors`` file in timm's layout, loaded strictly (classifier heads may be absent).
+        pretrained: ``none`` (random init), ``imagenet`` (timm's weights, downloaded once to the
+            Hugging Face / torch hub cache) or the path of a ``.pth`` (DeiT's ``{'model': ...}`` or a plain
+            state dict) or ``.safetensors`` file in timm's layout, loaded strictly (classifier heads may
+            be absent).
         grad_checkpointing: recompute block activations in backward to save memory.
         **timm_overrides: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``,
             ``num_heads``, ``patch_size`` for small test models).
@@ -109,24 +126,24 @@ class ViTBackbone(nn.Module):
         self,
         model_name: str = SEMFORMER_BACKBONE,
         image_size: int = 224,
-        pretrained: bool = False,
-        pretrained_path: str | Path | None = None,
+        pretrained: str = "none",
         grad_checkpointing: bool = False,
         **timm_overrides,
     ) -> None:
         super().__init__()
-        if pretrained and pretrained_path is not None:
-            raise ValueError("give either pretrained=True (timm download) or pretrained_path, not both")
-        model = timm.create_model(model_name, pretrained=pretrained, **timm_overrides)
+        model = _create_timm_model(model_name, pretrained == "imagenet", timm_overrides)
         if not isinstance(model, VisionTransformer) or model.pos_embed is None:
             raise ValueError(
                 f"{model_name}: a timm VisionTransformer with a learned absolute position embedding is needed"
             )
         model.reset_classifier(0)  # the ImageNet heads are never used
-        if pretrained_path is not None:
-            state = read_state_dict(pretrained_path)
+        if pretrained not in ("imagenet", "none"):
+            if not Path(pretrained).is_file():
+                raise CheckpointError(f"{pretrained}: --pretrained file not found (give imagenet, none or a "
+                                      "local timm .pth / .safetensors)")
+            state = read_state_dict(pretrained)
             state = {key: value for key, value in state.items() if not key.startswith(CLASSIFIER_PREFIXES)}
-            load_strict(model, state, pretrained_path)
+            load_strict(model, state, pretrained)
 
         patch_height, patch_width = model.patch_embed.patch_size
         if patch_height != patch_width:

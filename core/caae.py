@@ -7,7 +7,6 @@ normalised image.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +64,7 @@ class CAAE(nn.Module):
         class_dim: ``C``, width of each class embedding.
         decoder_width, decoder_depth, decoder_heads: the reconstruction decoder.
         reduction: ``'sum'`` (paper) or ``'mean'`` of the class embeddings over tokens.
-        pretrained, pretrained_path, grad_checkpointing: see ``ViTBackbone``.
+        pretrained, grad_checkpointing: see ``ViTBackbone`` (``none``, ``imagenet`` or a file).
         backbone_kwargs: extra ``timm.create_model`` arguments (small test models).
     """
 
@@ -79,8 +78,7 @@ class CAAE(nn.Module):
         decoder_depth: int = 8,
         decoder_heads: int = 12,
         reduction: str = "sum",
-        pretrained: bool = False,
-        pretrained_path: str | Path | None = None,
+        pretrained: str = "none",
         grad_checkpointing: bool = False,
         backbone_kwargs: dict | None = None,
     ) -> None:
@@ -91,7 +89,7 @@ class CAAE(nn.Module):
         self.class_dim = class_dim
         self.reduction = reduction
         backbone = ViTBackbone(
-            backbone_name, image_size, pretrained, pretrained_path, grad_checkpointing, **(backbone_kwargs or {})
+            backbone_name, image_size, pretrained, grad_checkpointing, **(backbone_kwargs or {})
         )
         embed_dim = backbone.embed_dim
         self.encoder = CAAEEncoder(backbone)

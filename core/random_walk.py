@@ -25,7 +25,7 @@ entries per column, at the same offsets for every pixel (a banded stencil), so h
 
 On two shared cores a 75x57 walk (2 classes, radius 5, exp_times 8) takes 0.07 s with either thread
 setting and grows the peak RSS by ~9-11 MiB; 125x94 takes 0.2 s and ~25-32 MiB
-(``python -m tools.bench_random_walk``).
+(``python -m tools.bench --stage random_walk --repeat 5``; that tool counts from process start, 35-38 MiB).
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ class SemFormerSegmentor(nn.Module):
         class_dim: ``C``, width of each class embedding (must match the CAAE's).
         seg_dropout: ``'token'`` (the original's behaviour) or ``'channel'`` dropout before ``seg_head``.
         dropout: dropout probability before ``seg_head``.
-        pretrained, pretrained_path, grad_checkpointing: see ``ViTBackbone``.
+        pretrained, grad_checkpointing: see ``ViTBackbone`` (``none``, ``imagenet`` or a file).
         backbone_kwargs: extra ``timm.create_model`` arguments (small test models).
     """
 
@@ -106,15 +106,14 @@ class SemFormerSegmentor(nn.Module):
         class_dim: int = 256,
         seg_dropout: str = "token",
         dropout: float = 0.5,
-        pretrained: bool = False,
-        pretrained_path: str | Path | None = None,
+        pretrained: str = "none",
         grad_checkpointing: bool = False,
         backbone_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.backbone = ViTBackbone(
-            backbone_name, image_size, pretrained, pretrained_path, grad_checkpointing, **(backbone_kwargs or {})
+            backbone_name, image_size, pretrained, grad_checkpointing, **(backbone_kwargs or {})
         )
         embed_dim = self.backbone.embed_dim
         self.cls_token = nn.Parameter(self.backbone.cls_token_init.repeat(1, num_classes, 1))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torchvision
 
@@ -37,7 +38,7 @@ from tools.descriptor import load_descriptor
 from tools.pipeline import Settings, load_recipe
 
 CAMS = "Baseline@centre"
-TINY_CAAE = ["--backbone", "deit_small_patch16_224", "--vit_depth", "1", "--vit_embed_dim", "32",
+TINY_CAAE = ["--pretrained", "none", "--backbone", "deit_small_patch16_224", "--vit_depth", "1", "--vit_embed_dim", "32",
              "--vit_num_heads", "2", "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1",
              "--decoder_heads", "2", "--class_dim", "16"]
 HANG_TIMEOUT = 90  # seconds: a run that has not ended by then hangs
@@ -169,7 +170,7 @@ def test_sigterm_saves_the_checkpoint_exits_3_and_the_unfinished_model_is_refuse
     description = json.loads((experiments / "models" / "CAAE@faults.json").read_text())
     assert description["finished"] is False
 
-    result = run_subprocess("train_semformer.py", "--tag", "S", "--ae_tag", "CAAE@faults", *TINY_CAAE[:8],
+    result = run_subprocess("train_semformer.py", "--tag", "S", "--ae_tag", "CAAE@faults", *TINY_CAAE[:10],
                             "--image_size", "64", "--class_dim", "16", "--batch_size", "4", "--max_epoch", "1",
                             "--num_workers", "0", "--dataset", str(data), "--experiments_dir", str(experiments))
     assert result.returncode == EXIT_ERROR
@@ -382,3 +383,21 @@ def test_next_commands_keep_the_list_and_score_train_aug_on_train(cams, capsys, 
     assert evaluation_domain(descriptor, inference_semformer.parse_args(["--tag", "S", "--domain", "train_aug"])) \
         == "train"
     assert evaluation_domain(descriptor, inference_semformer.parse_args(["--tag", "S", "--domain", "val"])) == "val"
+
+
+def test_offline_imagenet_weights_stop_before_training_with_one_line(capsys, data, tmp_path, monkeypatch):
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load this file.\nCheck your connection.")
+        return create_model(*args, **kwargs)
+
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    flags = [flag for flag in caae_command(data, tmp_path / "exp", "--max_epoch", "1")[1:] if flag != "none"]
+    flags.remove("--pretrained")  # the default: imagenet
+    code, message = outcome(capsys, train_caae.main, *flags)
+    assert code == EXIT_ERROR
+    assert message == ("error: cannot fetch timm's deit_small_patch16_224 ImageNet weights (OSError: We couldn't "
+                       "connect to 'https://huggingface.co' to load this file.); on an offline machine pass a local "
+                       "file with --pretrained PATH, or train from scratch with --pretrained none")
+    assert not (tmp_path / "exp" / "models").exists()

@@ -67,7 +67,7 @@ def test_backbone_reads_and_resizes_the_pretrained_position_embedding(tmp_path, 
     reference = timm.create_model(model_name, **TINY)
     path = tmp_path / "weights.pth"
     torch.save({"model": reference.state_dict()}, path)  # DeiT's release layout
-    backbone = ViTBackbone(model_name, image_size=448, pretrained_path=path, **TINY)
+    backbone = ViTBackbone(model_name, image_size=448, pretrained=str(path), **TINY)
 
     grid = timm_grid(reference.pos_embed.detach(), prefix, 14)
     expected = F.interpolate(grid, size=(28, 28), mode="bicubic", align_corners=False)
@@ -144,19 +144,31 @@ def test_weight_files_load_from_pth_and_safetensors(tmp_path):
     headless = {key: value for key, value in state.items() if not key.startswith("head.")}
     torch.save(headless, tmp_path / "headless.pth")  # e.g. exported with num_classes=0
     for name in ("plain.pth", "w.safetensors", "headless.pth"):
-        backbone = ViTBackbone("deit_small_patch16_224", pretrained_path=tmp_path / name, **TINY)
+        backbone = ViTBackbone("deit_small_patch16_224", pretrained=str(tmp_path / name), **TINY)
         torch.testing.assert_close(backbone.model.patch_embed.proj.weight, state["patch_embed.proj.weight"])
-    with pytest.raises(ValueError, match="not both"):
-        ViTBackbone("deit_small_patch16_224", pretrained=True, pretrained_path=tmp_path / "plain.pth", **TINY)
+
+
+def test_offline_imagenet_weights_fail_with_one_line_naming_the_alternatives(monkeypatch):
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+        return create_model(*args, **kwargs)
+
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(CheckpointError) as error:
+        ViTBackbone("deit_small_patch16_224", pretrained="imagenet", **TINY)
+    message = str(error.value)
+    assert "\n" not in message and "--pretrained PATH" in message and "--pretrained none" in message
 
 
 def test_corrupt_weight_file_fails_naming_the_file(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="broken.pth: cannot read"):
-        ViTBackbone("deit_small_patch16_224", pretrained_path=path, **TINY)
-    with pytest.raises(CheckpointError, match="no such checkpoint"):
-        ViTBackbone("deit_small_patch16_224", pretrained_path=tmp_path / "absent.pth", **TINY)
+        ViTBackbone("deit_small_patch16_224", pretrained=str(path), **TINY)
+    with pytest.raises(CheckpointError, match="absent.pth: --pretrained file not found"):
+        ViTBackbone("deit_small_patch16_224", pretrained=str(tmp_path / "absent.pth"), **TINY)
 
 
 def test_tampered_weight_file_fails_naming_keys_and_shapes(tmp_path):
@@ -166,7 +178,7 @@ def test_tampered_weight_file_fails_naming_keys_and_shapes(tmp_path):
     path = tmp_path / "tampered.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as error:
-        ViTBackbone("deit_small_patch16_224", pretrained_path=path, **TINY)
+        ViTBackbone("deit_small_patch16_224", pretrained=str(path), **TINY)
     message = str(error.value)
     assert "tampered.pth" in message
     assert "missing keys (1): blocks.0.attn.qkv.weight" in message
@@ -347,3 +359,12 @@ def test_blocks_whose_attention_the_cra_does_not_need_run_fused_attention(monkey
         _, probabilities = backbone.forward_with_tokens(torch.randn(1, 3, 64, 64), tokens, tokens,
                                                         return_attn=True, attn_layers=1)
     assert len(probabilities) == 1 and len(fused_calls) == 3  # SDPA in the first 3 blocks, probabilities in the last
+
+
+@pytest.mark.parametrize("backbone", ["vit_small_patch16_224", "deit_tiny_patch16_224"])
+def test_another_timm_vit_is_a_flag_away(backbone):
+    segmentor = SemFormerSegmentor(NUM_CLASSES, backbone_name=backbone, image_size=32, class_dim=CLASS_DIM,
+                                   backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2)).eval()
+    with torch.no_grad():
+        seg_logits, cra = segmentor(torch.randn(1, 3, 48, 32), return_cra=True, cra_layers=2)
+    assert seg_logits.shape == cra.shape == (1, NUM_CLASSES, 3, 2)

@@ -17,7 +17,7 @@ from tools.descriptor import load_descriptor
 from tools.provenance import claim_output_folder, run_record
 from tools.transforms import semformer_train_transform
 
-TINY_VIT = ["--backbone", "deit_small_patch16_224", "--vit_depth", "2", "--vit_embed_dim", "32",
+TINY_VIT = ["--pretrained", "none", "--backbone", "deit_small_patch16_224", "--vit_depth", "2", "--vit_embed_dim", "32",
             "--vit_num_heads", "2"]
 TINY_CAAE = [*TINY_VIT, "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1",
              "--decoder_heads", "2", "--class_dim", "16"]
@@ -91,7 +91,7 @@ def test_affinitynet_trains_on_affinity_labels(synthetic_dataset, tmp_path):
         save_png(label_dir / f"{image_id}.png", reader.load_mask(image_id, required=True))
     flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path), "--domain", "train"]
     output = run_script("train_affinitynet.py", "--tag", "Aff@tiny", "--label_name", "CAM@aff",
-                        "--architecture", "resnet18", "--image_size", "96", "--min_image_size", "64",
+                        "--architecture", "resnet18", "--pretrained", "none", "--image_size", "96", "--min_image_size", "64",
                         "--max_image_size", "96", "--batch_size", "2", "--max_epoch", "2", "--num_workers", "0",
                         *flags)
     assert "python inference_rw.py --model_name Aff@tiny --architecture resnet18" in output

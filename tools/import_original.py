@@ -72,7 +72,7 @@ def expected_state_dict(kind: str, **model_kwargs) -> dict[str, Tensor]:
     """Our model's state dict, built on the meta device: keys and shapes only."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    model_kwargs = {**model_kwargs, "pretrained": False, "pretrained_path": None}
+    model_kwargs = {**model_kwargs, "pretrained": "none"}
     with torch.device("meta"):
         if kind == "semformer":
             segmentor = SemFormerSegmentor(**model_kwargs)

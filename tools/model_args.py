@@ -18,6 +18,13 @@ from tools.artifacts import ArtifactError, atomic_write_text, read_json
 VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
 
 
+def add_pretrained_arg(parser: argparse.ArgumentParser, source: str) -> None:
+    """``--pretrained imagenet|none|PATH`` of a training script, ``imagenet`` (the original) by default."""
+    parser.add_argument("--pretrained", default="imagenet", metavar="imagenet|none|PATH",
+                        help=f"imagenet: {source}'s ImageNet weights (downloaded once; the original); none: random "
+                             "init; PATH: a local .pth / .safetensors file of them, for offline machines")
+
+
 def _add_vit_args(parser: argparse.ArgumentParser, prefix: str, backbone: str, image_size: int) -> None:
     group = parser.add_argument_group(f"{prefix or 'model'} architecture")
     group.add_argument(f"--{prefix}backbone", default=backbone, help="timm ViT / DeiT name")
@@ -26,10 +33,6 @@ def _add_vit_args(parser: argparse.ArgumentParser, prefix: str, backbone: str, i
     for name in VIT_OVERRIDES:
         group.add_argument(f"--{prefix}vit_{name}", type=positive_int, default=None,
                            help=f"override the timm model's {name} (tiny test / demo models)")
-    group.add_argument(f"--{prefix}pretrained", action="store_true",
-                       help="download timm's ImageNet weights (needs internet)")
-    group.add_argument(f"--{prefix}pretrained_path", default=None,
-                       help="local .pth / .safetensors ImageNet weights, for offline machines")
 
 
 def _vit_config(args: argparse.Namespace, prefix: str) -> dict:
@@ -72,11 +75,6 @@ def caae_config(args: argparse.Namespace, prefix: str = "") -> dict:
         config[name] = getattr(args, f"{prefix}{name}")
     config["class_dim"] = args.class_dim
     return config
-
-
-def pretrained_kwargs(args: argparse.Namespace, prefix: str = "") -> dict:
-    return {"pretrained": getattr(args, f"{prefix}pretrained"),
-            "pretrained_path": getattr(args, f"{prefix}pretrained_path")}
 
 
 def config_path(model_path: Path) -> Path:
