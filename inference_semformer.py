@@ -11,6 +11,7 @@ slice of the list and ``torchrun --nproc_per_node N`` splits it across GPUs.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -68,6 +69,16 @@ def build_segmentor(args: argparse.Namespace, num_classes: int, model_path) -> S
     return segmentor
 
 
+def cam_activations(segmentor: SemFormerSegmentor, batch: torch.Tensor, with_cra: bool,
+                    cra_layers: int) -> torch.Tensor:
+    """Class maps ``(B, K, h, w)`` of a batch ``(B, 3, H, W)``: ReLU of the segmentation logits, weighted by
+    the class-relevant attention of the last ``cra_layers`` blocks (docs/method.md §3)."""
+    if not with_cra:
+        return F.relu(segmentor(batch))
+    seg_logits, cra = segmentor(batch, return_cra=True, cra_layers=cra_layers)
+    return F.relu(seg_logits) * cra
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
@@ -80,11 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: --cra_layers {args.cra_layers} must lie in 1..{segmentor.backbone.depth} "
                          "(the backbone's depth)")
 
-    def activations(batch: torch.Tensor) -> torch.Tensor:
-        if not args.with_cra:
-            return F.relu(segmentor(batch))
-        seg_logits, cra = segmentor(batch, return_cra=True, cra_layers=args.cra_layers)
-        return F.relu(seg_logits) * cra
+    activations = functools.partial(cam_activations, segmentor, with_cra=args.with_cra, cra_layers=args.cra_layers)
 
     name = cam_experiment_name(args.tag, args.domain, scales)
     out_dir = data.paths.predictions(name)

@@ -11,8 +11,10 @@ epoch's model is saved to ``experiments/models/<tag>.pth``.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
+from torch import nn
 
 from core.affinitynet import AffinityNet, affinity_loss
 from core.random_walk import PathIndex, affinity_targets
@@ -47,6 +49,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], path_index: PathIndex,
+               num_classes: int) -> dict[str, torch.Tensor]:
+    """One micro-batch: pair targets of the ``(B, S/4, S/4)`` affinity labels, the edge map's affinities
+    of ``(B, 3, S, S)`` crops on the same pairs, and the affinity loss."""
+    images, labels = batch
+    targets = [affinity_targets(label, path_index, num_classes) for label in labels]
+    bg_pos, fg_pos, neg = (torch.stack(kind) for kind in zip(*targets))
+    network = getattr(model, "module", model)  # the model inside DDP: affinity() has no parameters
+    return affinity_loss(network.affinity(model(images)), bg_pos, fg_pos, neg)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
@@ -70,15 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
         num_classes = data.descriptor.num_classes
-
-        def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
-            images, labels = batch
-            targets = [affinity_targets(label, path_index, num_classes) for label in labels]
-            bg_pos, fg_pos, neg = (torch.stack(kind) for kind in zip(*targets))
-            network = getattr(module, "module", module)  # the model inside DDP: affinity() has no parameters
-            affinity = network.affinity(module(images))
-            return affinity_loss(affinity, bg_pos, fg_pos, neg)
-
+        step = functools.partial(train_step, path_index=path_index, num_classes=num_classes)
         result = Trainer(config, context, model, optimizer, dataset, step, script_args=vars(args),
                          model_config=describe_model("affinitynet", num_classes, {"backbone": args.architecture}),
                          inputs={"labels": labels}).fit()

@@ -9,8 +9,10 @@ lr 0.025. The model with the best train mAP is saved to ``experiments/models/<ta
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from core.caae import CAAE
@@ -44,6 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], bce_weight: float,
+               mse_weight: float) -> dict[str, torch.Tensor]:
+    """One micro-batch of ``(B, 3, S, S)`` images and ``(B, K-1)`` labels: the background joins the
+    labels, and the loss weighs the class similarity (BCE) and the reconstruction (MSE)."""
+    images, labels = batch
+    labels = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
+    similarity, reconstruction = model(images, labels)
+    return caae_loss(similarity, reconstruction, labels, images, bce_weight, mse_weight)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
@@ -63,23 +75,16 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
 
-        def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
-            images, labels = batch
-            labels = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
-            similarity, reconstruction = module(images, labels)
-            return caae_loss(similarity, reconstruction, labels, images, args.bce_weight, args.mse_weight)
-
+        step = functools.partial(train_step, bce_weight=args.bce_weight, mse_weight=args.mse_weight)
         eval_loader = None
         if config.select_by == "gt":
             eval_set = CAMTestDataset(data.reader, data.descriptor.read_ids(args.eval_domain),
                                       caae_eval_transform(args.image_size))
             eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=config.num_workers)
-
-        def evaluate(module: torch.nn.Module) -> dict:
-            return caae_selection_score(module, eval_loader, context.device)
-
-        result = Trainer(config, context, model, optimizer, dataset, step,
-                         evaluate=evaluate if eval_loader is not None else None, script_args=vars(args),
+        evaluate = None
+        if eval_loader is not None:
+            evaluate = functools.partial(caae_selection_score, loader=eval_loader, device=context.device)
+        result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate, script_args=vars(args),
                          model_config=describe_model("caae", num_classes, model_config)).fit()
     finally:
         destroy_distributed()

@@ -10,8 +10,10 @@ the best train CAM mIoU is saved (without its CAAE) to ``experiments/models/<tag
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from core.caae import CAAE
@@ -69,6 +71,31 @@ def build_caae(args: argparse.Namespace, num_classes: int, paths) -> tuple[CAAE,
     return caae, ae_config["image_size"]
 
 
+def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ae_size: int,
+               weights: LossWeights, masked_suppression: bool) -> dict[str, torch.Tensor]:
+    """One micro-batch of ``(B, 3, S, S)`` crops, ``(B, K-1)`` labels and ``(B, 4)`` crop boxes: the CAAE
+    sees the crops at ``ae_size`` (masks mark the image inside them), and the five loss terms."""
+    images, labels, crop_boxes = batch
+    labels = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
+    ae_images, grad_masks = ae_inputs(images, crop_boxes, ae_size)
+    outputs = model(images, ae_images, labels, grad_masks)
+    return semformer_loss(outputs, labels, grad_masks, weights, masked_suppression)
+
+
+def selection_score(model: SemFormer, loader: DataLoader, num_classes: int, device: torch.device,
+                    logger: TrainingLogger) -> dict:
+    """Checkpoint selection: the segmentor's CAM mIoU on the ``--eval_domain`` masks; the first
+    ``OVERLAY_BATCHES`` batches' CAMs go to TensorBoard."""
+    return semformer_selection_score(model.segmentor, loader, num_classes, device,
+                                     on_batch=functools.partial(log_cam_overlay, logger))
+
+
+def log_cam_overlay(logger: TrainingLogger, index: int, images: torch.Tensor, cams: torch.Tensor) -> None:
+    """TensorBoard image of the first picture of evaluation batch ``index`` (the first few batches)."""
+    if index < OVERLAY_BATCHES:
+        logger.add_image(f"CAM/batch{index}", cam_overlay(images[0], cams[0]))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
@@ -92,31 +119,20 @@ def main(argv: list[str] | None = None) -> None:
         dataset = ClassificationDataset(data.reader, data.ids, transform)
         loss_weights = LossWeights(**{name: getattr(args, f"{name}_weight") for name in vars(LossWeights())})
 
-        def step(module: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
-            images, labels, crop_boxes = batch
-            labels = torch.cat([torch.ones_like(labels[:, :1]), labels], dim=1)
-            ae_images, grad_masks = ae_inputs(images, crop_boxes, ae_size)
-            outputs = module(images, ae_images, labels, grad_masks)
-            return semformer_loss(outputs, labels, grad_masks, loss_weights, args.masked_suppression)
-
+        step = functools.partial(train_step, ae_size=ae_size, weights=loss_weights,
+                                 masked_suppression=args.masked_suppression)
         logger = TrainingLogger(config.paths, config.tag, enabled=context.is_main)
         eval_loader = None
         if config.select_by == "gt":
             eval_set = CAMTestDataset(data.reader, data.descriptor.read_ids(args.eval_domain),
                                       semformer_eval_transform(args.image_size))
             eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=config.num_workers)
-
-        def log_overlays(index: int, images: torch.Tensor, cams: torch.Tensor) -> None:
-            if index < OVERLAY_BATCHES:
-                logger.add_image(f"CAM/batch{index}", cam_overlay(images[0], cams[0]))
-
-        def evaluate(module: torch.nn.Module) -> dict:
-            return semformer_selection_score(module.segmentor, eval_loader, num_classes, context.device,
-                                             on_batch=log_overlays)
-
-        result = Trainer(config, context, model, optimizer, dataset, step,
-                         evaluate=evaluate if eval_loader is not None else None,
-                         export_state=lambda module: module.segmentor_state_dict(),
+        evaluate = None
+        if eval_loader is not None:
+            evaluate = functools.partial(selection_score, loader=eval_loader, num_classes=num_classes,
+                                         device=context.device, logger=logger)
+        result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate,
+                         export_state=SemFormer.segmentor_state_dict,
                          logger=logger, script_args=vars(args),
                          model_config=describe_model("semformer", num_classes, model_config),
                          inputs={"caae": model_input(data.paths.model(args.ae_tag))}).fit()

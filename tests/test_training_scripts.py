@@ -6,9 +6,15 @@ import json
 import numpy as np
 import torch
 
+import inference_semformer
+import train_affinitynet
+import train_caae
+import train_semformer
+from core.affinitynet import AffinityNet
 from core.caae import CAAE
-from core.losses import LossWeights, semformer_loss
-from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
+from core.losses import LossWeights
+from core.random_walk import PathIndex
+from core.semformer import SemFormer, SemFormerSegmentor
 from tests.cli_runner import run_script
 from tools.artifacts import save_png
 from tools.dataset import ClassificationDataset
@@ -61,24 +67,41 @@ def test_semformer_loss_falls_on_a_fixed_batch(synthetic_dataset):
     descriptor = load_descriptor(synthetic_dataset)
     dataset = ClassificationDataset(VOCReader(descriptor), descriptor.read_ids("train_aug")[:4],
                                     semformer_train_transform(64, 48, 96))
-    images, labels, boxes = (torch.stack(items) for items in zip(*(dataset[i] for i in range(4))))
-    labels = torch.cat([torch.ones(4, 1), labels], dim=1)
+    batch = tuple(torch.stack(items) for items in zip(*(dataset[i] for i in range(4))))
     tiny = dict(backbone_name="deit_small_patch16_224", backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2))
     caae = CAAE(descriptor.num_classes, image_size=64, class_dim=16, decoder_width=32, decoder_depth=1,
                 decoder_heads=2, **tiny)
     segmentor = SemFormerSegmentor(descriptor.num_classes, image_size=64, class_dim=16, dropout=0.0, **tiny)
     model = SemFormer(segmentor, caae)
     optimizer = torch.optim.SGD(segmentor.parameters(), lr=0.01, momentum=0.9)
-    ae_images, grad_masks = ae_inputs(images, boxes, 64)
     losses = []
-    for _ in range(30):
-        loss = semformer_loss(model(images, ae_images, labels, grad_masks), labels, grad_masks, LossWeights())["loss"]
+    for _ in range(30):  # the training step of train_semformer.py, as the engine calls it
+        loss = train_semformer.train_step(model, batch, ae_size=64, weights=LossWeights(),
+                                          masked_suppression=False)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     # the CAAE-based class terms of a random CAAE stay near 2; the rest of the loss must fall clearly
     assert losses[-1] < losses[0] - 0.4 and np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5])
+
+
+def test_the_caae_and_affinitynet_steps_and_cam_activations_are_importable(synthetic_dataset):
+    torch.manual_seed(0)
+    tiny = dict(backbone_name="deit_small_patch16_224", backbone_kwargs=dict(depth=1, embed_dim=32, num_heads=2))
+    caae = CAAE(4, image_size=32, class_dim=8, decoder_width=16, decoder_depth=1, decoder_heads=2, **tiny)
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    outputs = train_caae.train_step(caae, (images, labels), bce_weight=1.0, mse_weight=0.0)
+    assert set(outputs) >= {"loss", "bce", "mse"} and outputs["loss"] == outputs["bce"]
+    path_index = PathIndex(3, (8, 8))
+    affinitynet = AffinityNet("resnet18", path_index=path_index).train()
+    affinity_labels = torch.randint(0, 4, (2, 8, 8))
+    outputs = train_affinitynet.train_step(affinitynet, (images, affinity_labels), path_index, num_classes=4)
+    assert torch.isfinite(outputs["loss"])
+    segmentor = SemFormerSegmentor(4, image_size=32, class_dim=8, **tiny).eval()
+    with torch.no_grad():
+        maps = inference_semformer.cam_activations(segmentor, images, with_cra=True, cra_layers=1)
+    assert maps.shape == (2, 4, 2, 2) and maps.min() >= 0
 
 
 def test_affinitynet_trains_on_affinity_labels(synthetic_dataset, tmp_path):
