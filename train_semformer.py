@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_caae(args: argparse.Namespace, num_classes: int, paths) -> tuple[CAAE, int]:
     """The frozen CAAE of ``--ae_tag`` and its input size, rebuilt from its saved config (or ``--ae_*``)."""
     model_path = paths.model(args.ae_tag)
-    ae_config = load_model_config(model_path, "caae", caae_config(args, prefix="ae_"))
+    ae_config = load_model_config(model_path, "caae", caae_config(args, prefix="ae_"), args, prefix="ae_")
     caae = CAAE(num_classes, **ae_config)
     load_weights(caae, model_path, f"python train_caae.py --tag {args.ae_tag} {dataset_flags(args)}")
     return caae, ae_config["image_size"]

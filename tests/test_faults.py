@@ -29,6 +29,7 @@ import make_pseudo_labels
 import train_affinitynet
 import train_caae
 import train_segmentation
+import train_semformer
 from core.affinitynet import AffinityNet
 from tests.cli_runner import REPO
 from tools import baseline_cams
@@ -401,3 +402,17 @@ def test_offline_imagenet_weights_stop_before_training_with_one_line(capsys, dat
                        "connect to 'https://huggingface.co' to load this file.); on an offline machine pass a local "
                        "file with --pretrained PATH, or train from scratch with --pretrained none")
     assert not (tmp_path / "exp" / "models").exists()
+
+
+def test_an_architecture_flag_that_contradicts_the_saved_model_is_an_error(capsys, data, tmp_path):
+    models = tmp_path / "exp" / "models"
+    models.mkdir(parents=True)
+    torch.save({}, models / "C.pth")
+    (models / "C.json").write_text(json.dumps({"kind": "caae", "num_classes": 4, "backbone_name": "deit_small_patch16_224",
+                                               "image_size": 64, "backbone_kwargs": {"depth": 1}}))
+    semformer = ["--tag", "S", "--ae_tag", "C", "--pretrained", "none", *TINY_CAAE[2:10], "--class_dim", "16",
+                 "--dataset", str(data), "--experiments_dir", str(tmp_path / "exp")]
+    code, message = outcome(capsys, train_semformer.main, *semformer, "--ae_vit_depth", "3")
+    assert code == EXIT_ERROR
+    assert message == (f"error: {models / 'C.json'}: --ae_vit_depth 3 was given but the model was trained with 1; "
+                       "drop the flag (the model's description rebuilds it) or pick another model")

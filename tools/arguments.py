@@ -9,6 +9,7 @@ import argparse
 import math
 from typing import Callable, Sequence
 
+GIVEN_FLAGS = "_given_flags"  # private attribute of a parsed namespace: the dests set on the command line
 TRUE_WORDS = ("true", "1", "yes")
 FALSE_WORDS = ("false", "0", "no")
 
@@ -41,7 +42,22 @@ class StageArgumentParser(argparse.ArgumentParser):
             problem = check(parsed)
             if problem:
                 self.error(problem)
+        setattr(parsed, GIVEN_FLAGS, self._given(args))
         return parsed
+
+    def _given(self, args: Sequence[str] | None) -> tuple[str, ...]:
+        """The dests that the command line (or an ``@file``) sets: argparse applies no default to an
+        attribute the namespace already has, so a namespace of placeholders keeps the others."""
+        unset = object()
+        probe = argparse.Namespace(**{action.dest: unset for action in self._actions
+                                      if action.dest != argparse.SUPPRESS})
+        super().parse_known_args(args, probe)
+        return tuple(sorted(dest for dest, value in vars(probe).items() if value is not unset))
+
+
+def given_flags(args: argparse.Namespace) -> frozenset[str]:
+    """The dests set on the command line of a ``StageArgumentParser`` run (empty for other namespaces)."""
+    return frozenset(getattr(args, GIVEN_FLAGS, ()))
 
 
 def parse_bool(text: str) -> bool:

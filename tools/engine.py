@@ -13,7 +13,7 @@ The ``Trainer`` does the rest: DDP under torchrun, poly lr decay, mixed precisio
 accumulation, logs, best/last model selection and full checkpoints for ``--resume`` (written every
 epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). Sketch of a script::
 
-    parser = argparse.ArgumentParser()
+    parser = StageArgumentParser()               # tools.arguments: @file.args, cross-flag checks
     add_dataset_args(parser)                     # tools.cli: --dataset ... --experiments_dir
     add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
                     tag="SemFormer@DeiT-S")

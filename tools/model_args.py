@@ -12,10 +12,18 @@ import json
 from pathlib import Path
 
 from core.backbone import CAAE_BACKBONE, SEMFORMER_BACKBONE
-from tools.arguments import positive_int
+from tools.arguments import given_flags, positive_int
 from tools.artifacts import ArtifactError, atomic_write_text, read_json
 
 VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
+DESCRIPTION_KEYS = ("num_classes", "run", "finished")  # in <tag>.json beside the model's keyword arguments
+# Config key -> the architecture flag that sets it (a prefix such as ae_ goes in front, but not for SHARED_FLAGS).
+CONFIG_FLAGS = {
+    "backbone_name": "backbone", "image_size": "image_size", "class_dim": "class_dim", "seg_dropout": "seg_dropout",
+    "decoder_width": "decoder_width", "decoder_depth": "decoder_depth", "decoder_heads": "decoder_heads",
+    "reduction": "reduction", **{f"backbone_kwargs.{name}": f"vit_{name}" for name in VIT_OVERRIDES},
+}
+SHARED_FLAGS = ("class_dim",)  # one flag for SemFormer and its CAAE
 
 
 def add_pretrained_arg(parser: argparse.ArgumentParser, source: str) -> None:
@@ -92,8 +100,14 @@ def save_model_config(model_path: Path, kind: str, num_classes: int, config: dic
     atomic_write_text(config_path(model_path), json.dumps(describe_model(kind, num_classes, config), indent=2) + "\n")
 
 
-def load_model_config(model_path: Path, kind: str, fallback: dict) -> dict:
-    """The saved keyword arguments of a model, or ``fallback`` (the flags) if none were saved."""
+def load_model_config(model_path: Path, kind: str, fallback: dict, args: argparse.Namespace | None = None,
+                      prefix: str = "", flags: dict[str, str] | None = None) -> dict:
+    """The saved keyword arguments of a model, or ``fallback`` (the flags) if none were saved.
+
+    With ``args``, an architecture flag given on the command line that disagrees with the saved
+    config is an error naming both values (``flags``: config key -> flag name without ``prefix``;
+    default ``CONFIG_FLAGS``), instead of being silently overridden.
+    """
     path = config_path(model_path)
     content = read_json(path, "model description")
     if content is None:
@@ -101,7 +115,30 @@ def load_model_config(model_path: Path, kind: str, fallback: dict) -> dict:
     found = content.pop("kind", kind)
     if found != kind:
         raise ArtifactError(f"{path}: describes a '{found}' model, expected '{kind}'")
-    content.pop("num_classes", None)
-    content.pop("run", None)
-    content.pop("finished", None)
+    for key in DESCRIPTION_KEYS:
+        content.pop(key, None)
+    if args is not None:
+        _check_given_flags(path, content, fallback, args, prefix, CONFIG_FLAGS if flags is None else flags)
     return content
+
+
+def _flat(config: dict) -> dict:
+    """``{"backbone_kwargs": {"depth": 2}}`` -> ``{"backbone_kwargs.depth": 2}``."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": item for inner, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _check_given_flags(path: Path, saved: dict, fallback: dict, args: argparse.Namespace, prefix: str,
+                       flags: dict[str, str]) -> None:
+    given, saved, wanted = given_flags(args), _flat(saved), _flat(fallback)
+    for key, flag in flags.items():
+        name = flag if flag in SHARED_FLAGS else prefix + flag
+        if name in given and key in wanted and wanted[key] != saved.get(key, wanted[key]):
+            raise ArtifactError(f"{path}: --{name} {wanted[key]} was given but the model was trained with "
+                                f"{saved[key]}; drop the flag (the model's description rebuilds it) or pick "
+                                "another model")

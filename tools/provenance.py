@@ -79,7 +79,8 @@ def fingerprint(script: str, settings: Mapping[str, Any], inputs: Mapping[str, A
 def settings_of(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
     """The arguments that decide what an artifact holds (all but ``EXECUTION_FLAGS``), JSON-plain."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    return {name: plain(value) for name, value in sorted(values.items()) if name not in EXECUTION_FLAGS}
+    return {name: plain(value) for name, value in sorted(values.items())
+            if name not in EXECUTION_FLAGS and not name.startswith("_")}
 
 
 def run_record(script: str, args: argparse.Namespace | Mapping[str, Any],

@@ -48,9 +48,10 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from tools.arguments import StageArgumentParser
 from tools.artifacts import atomic_write_bytes, atomic_write_text, save_png
-from tools.reader import VOCReader
 from tools.descriptor import load_descriptor, voc_palette, write_descriptor
+from tools.reader import VOCReader
 
 IGNORE_INDEX = 255
 JPEG_QUALITY = 95
@@ -811,7 +812,7 @@ def format_statistics(statistics: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = StageArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.HelpFormatter)
     parser.add_argument("--out", type=Path, help="dataset root to write")
     parser.add_argument("--format", choices=FORMATS, default="voc",
                         help="voc: the VOC 2012 + SBD layout with masks and descriptor; coco: MS COCO 2014's "
