@@ -22,9 +22,7 @@ from tools.arguments import StageArgumentParser, positive_int
 from tools.artifacts import PNG_SUFFIX, require_complete
 from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import AffinityDataset
-from tools.distributed import destroy_distributed, init_distributed
-from tools.engine import Trainer, TrainConfig, add_engine_args
-from tools.loader import seed_everything
+from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
 from tools.model_args import add_pretrained_arg, describe_model
 from tools.provenance import folder_input
 from tools.optimizer import build_optimizer, parameter_groups
@@ -70,9 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = folder_input(label_dir, command)
     if args.image_size % LABEL_STRIDE:
         raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of {LABEL_STRIDE}")
-    context = init_distributed()
-    try:
-        seed_everything(config.seed)
+    with training_processes(config.seed) as context:
         grid = args.image_size // LABEL_STRIDE
         path_index = PathIndex(args.radius, (grid, grid))
         model = AffinityNet(args.architecture, args.pretrained, path_index)
@@ -87,8 +83,6 @@ def main(argv: list[str] | None = None) -> None:
         result = Trainer(config, context, model, optimizer, dataset, step, script_args=vars(args),
                          model_config=describe_model("affinitynet", num_classes, {"backbone": args.architecture}),
                          inputs={"labels": labels}).fit()
-    finally:
-        destroy_distributed()
     finish_training(result, config.tag, context.is_main,
                     f"python inference_rw.py --model_name {config.tag} --architecture {args.architecture} "
                     f"--cam_dir <CAM experiment> --domain {args.domain} {dataset_flags(args)}")

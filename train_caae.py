@@ -20,9 +20,7 @@ from core.losses import caae_loss
 from tools.arguments import StageArgumentParser, non_negative_float, positive_int
 from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import CAMTestDataset, ClassificationDataset
-from tools.distributed import destroy_distributed, init_distributed
-from tools.engine import Trainer, TrainConfig, add_engine_args
-from tools.loader import seed_everything
+from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
 from tools.model_args import add_caae_args, add_pretrained_arg, caae_config, describe_model
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import caae_selection_score
@@ -60,9 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
     data = open_stage_data(args)
-    context = init_distributed()
-    try:
-        seed_everything(config.seed)
+    with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
         model_config = caae_config(args)
         model = CAAE(num_classes, **model_config, pretrained=args.pretrained,
@@ -86,8 +82,6 @@ def main(argv: list[str] | None = None) -> None:
             evaluate = functools.partial(caae_selection_score, loader=eval_loader, device=context.device)
         result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate, script_args=vars(args),
                          model_config=describe_model("caae", num_classes, model_config)).fit()
-    finally:
-        destroy_distributed()
     finish_training(result, config.tag, context.is_main,
                     f"python train_semformer.py --ae_tag {config.tag} {dataset_flags(args)}")
 

@@ -31,9 +31,7 @@ from tools.arguments import StageArgumentParser, parse_scales, positive_int
 from tools.artifacts import PNG_SUFFIX, format_scales, require_complete
 from tools.cli import StageData, add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import CAMTestDataset, SegmentationDataset
-from tools.distributed import destroy_distributed, init_distributed
-from tools.engine import Trainer, TrainConfig, add_engine_args
-from tools.loader import seed_everything
+from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
 from tools.model_args import add_pretrained_arg, describe_model
 from tools.provenance import external_input, folder_input
 from tools.optimizer import build_optimizer, parameter_groups
@@ -114,9 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     if eval_loader is None and config.select_by == "gt":
         raise SystemExit(f"error: --select_by val needs ground-truth masks for every id of --eval_domain "
                          f"{args.eval_domain}")
-    context = init_distributed()
-    try:
-        seed_everything(config.seed)
+    with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
         model_config = {"architecture": args.architecture, "backbone": args.backbone, "bn": args.backbone_bn}
         model = DeepLab(num_classes, **model_config, pretrained=args.pretrained)
@@ -131,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
         result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate,
                          script_args=vars(args), model_config=describe_model("deeplab", num_classes, model_config),
                          inputs={"labels": labels_input}).fit()
-    finally:
-        destroy_distributed()
     finish_training(result, config.tag, context.is_main,
                     f"python inference_segmentation.py --tag {config.tag} --domain val {dataset_flags(args)}")
 

@@ -23,9 +23,7 @@ from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
 from tools.arguments import StageArgumentParser, non_negative_float, positive_int
 from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import CAMTestDataset, ClassificationDataset
-from tools.distributed import destroy_distributed, init_distributed
-from tools.engine import Trainer, TrainConfig, add_engine_args
-from tools.loader import seed_everything
+from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
 from tools.logger import TrainingLogger
 from tools.model_args import (add_caae_args, add_pretrained_arg, add_semformer_args, caae_config, describe_model,
                               load_model_config, semformer_config)
@@ -100,9 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
     data = open_stage_data(args)
-    context = init_distributed()
-    try:
-        seed_everything(config.seed)
+    with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
         model_config = semformer_config(args)
         segmentor = SemFormerSegmentor(num_classes, **model_config, pretrained=args.pretrained,
@@ -136,8 +132,6 @@ def main(argv: list[str] | None = None) -> None:
                          logger=logger, script_args=vars(args),
                          model_config=describe_model("semformer", num_classes, model_config),
                          inputs={"caae": model_input(data.paths.model(args.ae_tag))}).fit()
-    finally:
-        destroy_distributed()
     finish_training(result, config.tag, context.is_main,
                     f"python inference_semformer.py --tag {config.tag} --domain train_aug {dataset_flags(args)}")
 

@@ -9,7 +9,7 @@ A script supplies the model, its training dataset, the optimiser (``tools.optimi
 - ``export_state(model) -> state dict`` (optional): what the next stage loads from
   ``ExperimentPaths.model(tag)`` (default ``model.state_dict()``; SemFormer drops its frozen AE).
 
-The ``Trainer`` does the rest: DDP under torchrun, poly lr decay, mixed precision, gradient
+The ``Trainer`` does the rest: DDP under torchrun, the lr schedule, mixed precision, gradient
 accumulation, logs, best/last model selection and full checkpoints for ``--resume`` (written every
 epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). Sketch of a script::
 
@@ -18,15 +18,14 @@ epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). S
     add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
                     tag="SemFormer@DeiT-S")
     config = TrainConfig.from_args(args := parser.parse_args())
-    context = init_distributed()
-    seed_everything(config.seed)                 # identical initial weights on every rank
-    model = build_model(...)
-    groups = parameter_groups(model, config.lr, config.weight_decay)
-    optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
-                                config.optimizer)
-    Trainer(config, context, model, optimizer, dataset, step_fn, evaluate=evaluate,
-            script_args=vars(args)).fit()
-    destroy_distributed()
+    with training_processes(config.seed) as context:   # torchrun's group; identical initial weights
+        model = build_model(...)                        # declares model.parameter_groups()
+        groups = parameter_groups(model, config.lr, config.weight_decay)
+        optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
+                                    config.optimizer)
+        result = Trainer(config, context, model, optimizer, dataset, train_step, evaluate=evaluate,
+                         script_args=vars(args)).fit()
+    finish_training(result, config.tag, context.is_main, "python <next stage> ...")   # tools.cli
 """
 from __future__ import annotations
 
@@ -53,7 +52,8 @@ from tools.arguments import (UsageError, non_negative_float, non_negative_int, p
 from tools.artifacts import ArtifactError, ExperimentPaths, atomic_path, atomic_write_text, read_json
 from tools.checkpoint import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
                               restore_rng_state, save_checkpoint)
-from tools.distributed import DistContext, any_rank, gather_to_all, mean_over_ranks
+from tools.distributed import (DistContext, any_rank, destroy_distributed, gather_to_all, init_distributed,
+                               mean_over_ranks)
 from tools.loader import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
                           seed_everything)
 from tools.logger import TrainingLogger, format_duration
@@ -239,6 +239,18 @@ def epoch_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
         shutdown = getattr(batches, "_shutdown_workers", None)  # multi-process iterators only
         if shutdown is not None:
             shutdown()
+
+
+@contextmanager
+def training_processes(seed: int) -> Iterator[DistContext]:
+    """This process's place in a torchrun job (or a single process), every rank seeded with ``seed`` so
+    that models start from identical weights; the process group is left when the block ends."""
+    context = init_distributed()
+    try:
+        seed_everything(seed)
+        yield context
+    finally:
+        destroy_distributed()
 
 
 class _IntervalMeter:
