@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from core.affinitynet import AffinityNet, affinity_loss
+from core.conventions import CAM_STRIDE
 from core.random_walk import PathIndex, affinity_targets
 from tools.arguments import StageArgumentParser, positive_int
 from tools.artifacts import PNG_SUFFIX, require_complete
@@ -24,11 +25,10 @@ from tools.cli import add_dataset_args, dataset_flags, finish_training, open_sta
 from tools.dataset import AffinityDataset
 from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
 from tools.model_args import add_pretrained_arg, describe_model
-from tools.provenance import folder_input
 from tools.optimizer import build_optimizer, parameter_groups
+from tools.provenance import folder_input
 from tools.transforms import affinity_train_transform
 
-LABEL_STRIDE = 4
 TRAIN_RADIUS = 10
 
 
@@ -66,14 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     command = f"python make_affinity_labels.py --domain {args.domain} {dataset_flags(args)} ..."
     require_complete(label_dir, data.ids, PNG_SUFFIX, command)
     labels = folder_input(label_dir, command)
-    if args.image_size % LABEL_STRIDE:
-        raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of {LABEL_STRIDE}")
+    if args.image_size % CAM_STRIDE:
+        raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of {CAM_STRIDE}")
     with training_processes(config.seed) as context:
-        grid = args.image_size // LABEL_STRIDE
+        grid = args.image_size // CAM_STRIDE
         path_index = PathIndex(args.radius, (grid, grid))
         model = AffinityNet(args.architecture, args.pretrained, path_index)
         transform = affinity_train_transform(args.image_size, args.min_image_size, args.max_image_size,
-                                             LABEL_STRIDE, color_jitter="colorjitter" in args.augment)
+                                             CAM_STRIDE, color_jitter="colorjitter" in args.augment)
         dataset = AffinityDataset(data.reader, data.ids, label_dir, transform)
         groups = parameter_groups(model, config.lr, config.weight_decay)
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,

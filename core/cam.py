@@ -16,14 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.conventions import strided_size
 
-CAM_STRIDE = 4
+
 NORMALISE_EPSILON = 1e-5
-
-
-def strided_size(height: int, width: int, stride: int = CAM_STRIDE) -> tuple[int, int]:
-    """``(ceil(H / stride), ceil(W / stride))``."""
-    return (height - 1) // stride + 1, (width - 1) // stride + 1
 
 
 def strided_up_size(height: int, width: int, multiple: int) -> tuple[int, int]:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.conventions import IGNORE_INDEX
+
 COSINE_NORM_EPS = 1e-8
 COSINE_CLAMP_MARGIN = 1e-4
 
@@ -236,7 +238,7 @@ SEGMENTATION_LOSSES = ("balanced_ce", "ce")
 
 
 def segmentation_loss(
-    logits: Tensor, labels: Tensor, kind: str = "balanced_ce", ignore_index: int = 255
+    logits: Tensor, labels: Tensor, kind: str = "balanced_ce", ignore_index: int = IGNORE_INDEX
 ) -> dict[str, Tensor]:
     """Cross-entropy of DeepLab logits ``(B, K, H, W)`` against labels ``(B, H, W)`` (``ignore_index`` skipped).
 

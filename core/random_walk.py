@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.conventions import CAM_STRIDE
+
 RW_RADIUS = 5
-WALK_STRIDE = 4  # the CAMs' and the edge map's stride: one grid cell per 4x4 pixels
 RW_BETA = 10
 RW_EXP_TIMES = 8
 EDGE_PADDING_VALUE = 1.0
@@ -392,7 +393,7 @@ def walk_to_image(rw: Tensor, height: int, width: int, mode: Literal["global", "
     by ``normalize_rw``; an image without classes (``n = 0``) gives ``(0, H, W)``."""
     if len(rw) == 0:
         return rw.new_zeros((0, height, width))
-    upsampled = F.interpolate(rw[None], scale_factor=WALK_STRIDE, mode="bilinear", align_corners=False)[0]
+    upsampled = F.interpolate(rw[None], scale_factor=CAM_STRIDE, mode="bilinear", align_corners=False)[0]
     return normalize_rw(upsampled[:, :height, :width], mode)
 
 

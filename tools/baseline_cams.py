@@ -19,20 +19,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from core.conventions import strided_size
 from tools.arguments import StageArgumentParser
 from tools.artifacts import CAM_SUFFIX, save_npz
 from tools.cli import add_dataset_args, open_stage_data, run_main
 from tools.provenance import claim_output_folder, run_record
 
 KINDS = ("centre", "uniform")
-CAM_STRIDE = 4
 CENTRE_SIGMA_FRACTION = 0.25  # Gaussian sigma per axis as a fraction of the image's height / width
 NORMALISE_EPSILON = 1e-5  # as in CAM inference: divide by the spatial max + 1e-5
-
-
-def strided_size(height: int, width: int, stride: int = CAM_STRIDE) -> tuple[int, int]:
-    """``(ceil(H / stride), ceil(W / stride))``: the size of the strided ``cam``."""
-    return (height - 1) // stride + 1, (width - 1) // stride + 1
 
 
 def baseline_map(kind: str, height: int, width: int, grid: tuple[int, int]) -> np.ndarray:

@@ -71,9 +71,10 @@ from torch import Tensor, nn
 from core.affinitynet import AffinityNet, affinity_loss
 from core.caae import CAAE
 from core.cam import multiscale_cams
+from core.conventions import CAM_STRIDE, IGNORE_INDEX
 from core.deeplab import DeepLab
 from core.losses import LossWeights, caae_loss, segmentation_loss, semformer_loss
-from core.random_walk import WALK_STRIDE, PathIndex, affinity_targets, random_walk
+from core.random_walk import PathIndex, affinity_targets, random_walk
 from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
 from tools.arguments import StageArgumentParser, non_negative_int, positive_int
 from tools.artifacts import atomic_write_text, save_npz, save_png
@@ -96,7 +97,6 @@ RSS_UNITS_PER_MIB = 1024  # ru_maxrss is in KiB on Linux
 LR, WEIGHT_DECAY = 0.01, 5e-4
 CLASS_PROBABILITY = 0.15  # of each foreground class in a random image-level label
 IGNORED_FRACTION = 0.05  # of the pixels of a random label map set to 255
-IGNORE_INDEX = 255
 PHOTO_BLUR_SIGMA = 8.0  # px of a photo or a full-resolution CAM
 GRID_BLUR_SIGMA = 2.0  # cells of a stride-4 walk grid (the same scale)
 CAM_KEYS = np.array([0, 5, 12])  # background and two classes
@@ -218,7 +218,7 @@ def semformer_parts(bench: Bench, device: torch.device, grad_checkpointing: bool
 def affinitynet_parts(bench: Bench, device: torch.device, grad_checkpointing: bool) -> TrainingParts:
     """AffinityNet's edge branch on ``(B, 3, S, S)`` crops, pairs within ``radius`` on the ``S / 4`` grid,
     the pair targets built from ``(B, S/4, S/4)`` label maps at every step as in ``train_affinitynet.py``."""
-    grid = (bench.size[0] // WALK_STRIDE, bench.size[1] // WALK_STRIDE)
+    grid = (bench.size[0] // CAM_STRIDE, bench.size[1] // CAM_STRIDE)
     path_index = PathIndex(bench.settings["radius"], grid)
     model = AffinityNet(bench.settings["backbone"], "none", path_index).to(device)
     images, labels = random_images(bench, device), random_label_maps(bench.batch, *grid, device)

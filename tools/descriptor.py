@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from core.conventions import IGNORE_INDEX
+
 DEFAULT_DESCRIPTOR = Path(__file__).resolve().parent.parent / "data" / "voc12" / "dataset.json"
 MAX_LABEL_VALUE = 255  # label maps are uint8 PNGs
 FOLDER_KEYS = ("image_dir", "annotation_dir", "mask_dir", "aug_mask_dir")
@@ -48,7 +50,7 @@ class DatasetDescriptor:
     path: Path
     name: str
     class_names: tuple[str, ...]
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     data_dir: Path | None = None
     image_dir: str = "JPEGImages"
     annotation_dir: str = "Annotations"
@@ -147,7 +149,7 @@ def load_descriptor(path: str | Path = DEFAULT_DESCRIPTOR) -> DatasetDescriptor:
     lists = raw.get("lists", {})
     if not isinstance(lists, dict) or not all(isinstance(name, str) for name in lists.values()):
         raise DatasetError(f"{path}: 'lists' must map domains to list files, e.g. {{\"train\": \"train.txt\"}}")
-    ignore_index = raw.get("ignore_index", 255)
+    ignore_index = raw.get("ignore_index", IGNORE_INDEX)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) \
             or not len(names) <= ignore_index <= MAX_LABEL_VALUE:
         raise DatasetError(f"{path}: 'ignore_index' must be an integer in {len(names)}..{MAX_LABEL_VALUE} "
@@ -198,7 +200,7 @@ def write_descriptor(
     class_names: list[str],
     lists: dict[str, str],
     data_dir: str = ".",
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> None:
     """Write a descriptor JSON (used by the synthetic generator)."""
     from tools.artifacts import atomic_write_text

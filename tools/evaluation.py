@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from core.conventions import IGNORE_INDEX
 from tools.artifacts import (
     LEGACY_SUFFIX,
     PNG_SUFFIX,
@@ -53,7 +54,7 @@ class EvaluationConfig:
     mode: str
     thresholds: tuple[float, ...]
     num_classes: int
-    ignore_index: int = 255
+    ignore_index: int = IGNORE_INDEX
     crf_iteration: int = 0
     post_process: str = "erode"
     image_dir: Path | None = None

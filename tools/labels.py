@@ -11,11 +11,12 @@ import numpy as np
 
 from pathlib import Path
 
+from core.conventions import IGNORE_INDEX
 from tools.artifacts import save_png
 from tools.crf import CRFSetting, crf_inference, crf_inference_label
 
 AFFINITY_CRF_ITERATIONS = 10
-UNCERTAIN = 255
+UNCERTAIN = IGNORE_INDEX  # affinity labels: the pair is not trained on
 
 
 def threshold_argmax(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:

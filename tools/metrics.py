@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from core.conventions import IGNORE_INDEX
+
 EPSILON = 1e-10
-IGNORE_INDEX = 255
 EROSION_KERNEL = np.ones((7, 7), dtype=np.uint8)
 MEAN_OVER = ("all", "present")
 

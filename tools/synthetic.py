@@ -48,12 +48,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
+from core.conventions import IGNORE_INDEX
 from tools.arguments import StageArgumentParser
 from tools.artifacts import atomic_write_bytes, atomic_write_text, save_png
 from tools.descriptor import load_descriptor, voc_palette, write_descriptor
 from tools.reader import VOCReader
 
-IGNORE_INDEX = 255
 JPEG_QUALITY = 95
 SPLIT_SEEDS = {"train": 0, "val": 1}
 OBJECT_COUNT_PROBABILITIES = (0.40, 0.35, 0.25)  # 1, 2 or 3 objects per image

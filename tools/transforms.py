@@ -24,10 +24,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from core.cam import scaled_size
+from core.conventions import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 COLOR_JITTER = {"brightness": 0.3, "contrast": 0.3, "saturation": 0.3, "hue": 0.1}
 # Masks sample source pixel floor((i + 0.5) * scale), the centre rule of PIL NEAREST.
 MASK_INTERPOLATION = v2.InterpolationMode.NEAREST_EXACT
