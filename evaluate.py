@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         ignore_index=descriptor.ignore_index,
         crf_iteration=args.crf_iteration,
         post_process=args.post_process,
-        image_dir=data_dir / descriptor.image_dir if needs_photos else None,
+        dataset=Path(args.dataset) if needs_photos else None,
+        data_dir=data_dir if needs_photos else None,
         allow_pickle=args.allow_pickle,
         mean_over=args.mean_over,
     )

@@ -98,3 +98,14 @@ def test_killed_mid_stage_then_rerun_gives_the_same_table(finished, tmp_path):
     resumed = pipeline(data, experiments)
     assert decisions(resumed)["cams"].endswith("files to make") and decisions(resumed)["caae"] == "done"
     assert scores(resumed) == scores(output)
+
+
+def test_the_smoke_recipe_runs_on_a_dataset_in_cocos_layout(tmp_path):
+    coco = tmp_path / "coco"
+    run_script("-m", "tools.synthetic", "--format", "coco", "--out", str(coco), "--num_classes", "3",
+               "--num_train", "24", "--num_val", "8", "--seed", "1", "--min_size", "64", "--max_size", "96")
+    run_script("-m", "tools.prepare_coco", "--coco_dir", str(coco), "--out", str(coco), "--workers", "2")
+    output = pipeline(coco, tmp_path / "experiments")  # the smoke recipe's dataset: {data_dir}/dataset.json
+    table = scores(output)
+    assert all(table[stage] != "-" for stage in ("SemFormer CAMs", "random walk", "pseudo labels", "DeepLab maps"))
+    assert set(decisions(output).values()) == {"new"}

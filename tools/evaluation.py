@@ -15,7 +15,7 @@ import io
 import json
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -34,10 +34,11 @@ from tools.artifacts import (
     prediction_file,
 )
 from tools.crf import crf_inference_label
-from tools.descriptor import DatasetError
+from tools.descriptor import DatasetError, load_descriptor
 from tools.labels import threshold_argmax
 from tools.metrics import ConfusionAccumulator, SegmentationScores, confusion_stack, erode_labels
 from tools.parallel import parallel_map
+from tools.reader import VOCReader, make_reader
 from tools.sweep import sweep_confusions
 
 MODES = ("npy", "png", "rw")
@@ -57,8 +58,8 @@ class EvaluationConfig:
     ignore_index: int = IGNORE_INDEX
     crf_iteration: int = 0
     post_process: str = "erode"
-    image_dir: Path | None = None
-    image_suffix: str = ".jpg"
+    dataset: Path | None = None  # descriptor and root whose reader finds the photos (the CRF needs them)
+    data_dir: Path | None = None
     allow_pickle: bool = False
     mean_over: str = "all"
 
@@ -76,9 +77,15 @@ class EvaluationConfig:
         return self.gt_dir / f"{image_id}{PNG_SUFFIX}"
 
     def image_path(self, image_id: str) -> Path:
-        if self.image_dir is None:
-            raise ValueError("the CRF needs the photos: image_dir is not set")
-        return self.image_dir / f"{image_id}{self.image_suffix}"
+        if self.dataset is None:
+            raise ValueError("the CRF needs the photos: the dataset is not set")
+        return _reader(self.dataset, self.data_dir).image_path(image_id)
+
+
+@cache
+def _reader(dataset: Path, data_dir: Path | None) -> VOCReader:
+    """The dataset's reader, made once per (worker) process: a VOC folder or a COCO index."""
+    return make_reader(load_descriptor(dataset), data_dir)
 
 
 def sweep_thresholds(min_threshold: float, max_threshold: float, step: float) -> tuple[float, ...]:
