@@ -19,12 +19,12 @@ from core.affinitynet import AffinityNet
 from core.semformer import SemFormerSegmentor
 from tests.cli_runner import REPO, run_script
 from tools.artifacts import load_label_png, load_prediction
+from tools.presets import vit_kwargs
 from tools.reader import VOCReader
 from tools.descriptor import load_descriptor
 from tools.model_args import save_model_config
 
-TINY_SEGMENTOR = dict(backbone_name="deit_small_patch16_224", image_size=64,
-                      backbone_kwargs=dict(depth=2, embed_dim=32, num_heads=2), class_dim=8, seg_dropout="token")
+TINY_SEGMENTOR = dict(**vit_kwargs("tiny"), image_size=64, class_dim=8, seg_dropout="token")
 CAM = "SemFormer@tiny@train@scale=1.0,0.5"
 READ_CLASSES = 256  # reading back in tests: any class id of a uint8 label map
 
@@ -46,7 +46,7 @@ def stage_inputs(synthetic_dataset, tmp_path_factory):
 
 
 def cam_command(flags, *extra):
-    return ["inference_semformer.py", "--tag", "SemFormer@tiny", "--scales", "1.0,0.5", "--cra_layers", "2",
+    return ["inference_semformer.py", "--tag", "SemFormer@tiny", "--scales", "1.0,0.5", "--cra_layers", "1",
             *flags, *extra]
 
 

@@ -37,11 +37,12 @@ from tools.artifacts import load_label_png, load_prediction, save_npz
 from tools.cli import EXIT_ABORTED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, run_main
 from tools.descriptor import load_descriptor
 from tools.pipeline import Settings, load_recipe
+from tools.presets import vit_flags
 
 CAMS = "Baseline@centre"
-TINY_CAAE = ["--pretrained", "none", "--backbone", "deit_small_patch16_224", "--vit_depth", "1", "--vit_embed_dim", "32",
-             "--vit_num_heads", "2", "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1",
-             "--decoder_heads", "2", "--class_dim", "16"]
+TINY_VIT = ["--pretrained", "none", *vit_flags("tiny")]
+TINY_CAAE = [*TINY_VIT, "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1", "--decoder_heads", "2",
+             "--class_dim", "16"]
 HANG_TIMEOUT = 90  # seconds: a run that has not ended by then hangs
 
 
@@ -171,7 +172,7 @@ def test_sigterm_saves_the_checkpoint_exits_3_and_the_unfinished_model_is_refuse
     description = json.loads((experiments / "models" / "CAAE@faults.json").read_text())
     assert description["finished"] is False
 
-    result = run_subprocess("train_semformer.py", "--tag", "S", "--ae_tag", "CAAE@faults", *TINY_CAAE[:10],
+    result = run_subprocess("train_semformer.py", "--tag", "S", "--ae_tag", "CAAE@faults", *TINY_VIT,
                             "--image_size", "64", "--class_dim", "16", "--batch_size", "4", "--max_epoch", "1",
                             "--num_workers", "0", "--dataset", str(data), "--experiments_dir", str(experiments))
     assert result.returncode == EXIT_ERROR
@@ -410,7 +411,7 @@ def test_an_architecture_flag_that_contradicts_the_saved_model_is_an_error(capsy
     torch.save({}, models / "C.pth")
     (models / "C.json").write_text(json.dumps({"kind": "caae", "num_classes": 4, "backbone_name": "deit_small_patch16_224",
                                                "image_size": 64, "backbone_kwargs": {"depth": 1}}))
-    semformer = ["--tag", "S", "--ae_tag", "C", "--pretrained", "none", *TINY_CAAE[2:10], "--class_dim", "16",
+    semformer = ["--tag", "S", "--ae_tag", "C", *TINY_VIT, "--class_dim", "16",
                  "--dataset", str(data), "--experiments_dir", str(tmp_path / "exp")]
     code, message = outcome(capsys, train_semformer.main, *semformer, "--ae_vit_depth", "3")
     assert code == EXIT_ERROR

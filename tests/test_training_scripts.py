@@ -6,25 +6,25 @@ import json
 import numpy as np
 import torch
 
-import inference_semformer
 import train_affinitynet
 import train_caae
 import train_semformer
 from core.affinitynet import AffinityNet
 from core.caae import CAAE
+from core.cam import cam_activations
 from core.losses import LossWeights
 from core.random_walk import PathIndex
 from core.semformer import SemFormer, SemFormerSegmentor
 from tests.cli_runner import run_script
 from tools.artifacts import save_png
 from tools.dataset import ClassificationDataset
+from tools.presets import vit_flags
 from tools.reader import VOCReader
 from tools.descriptor import load_descriptor
 from tools.provenance import claim_output_folder, run_record
 from tools.transforms import semformer_train_transform
 
-TINY_VIT = ["--pretrained", "none", "--backbone", "deit_small_patch16_224", "--vit_depth", "2", "--vit_embed_dim", "32",
-            "--vit_num_heads", "2"]
+TINY_VIT = ["--pretrained", "none", *vit_flags("tiny")]
 TINY_CAAE = [*TINY_VIT, "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1",
              "--decoder_heads", "2", "--class_dim", "16"]
 TINY_SEMFORMER = [*TINY_VIT, "--image_size", "64", "--min_image_size", "48", "--max_image_size", "96",
@@ -86,7 +86,7 @@ def test_semformer_loss_falls_on_a_fixed_batch(synthetic_dataset):
     assert losses[-1] < losses[0] - 0.4 and np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5])
 
 
-def test_the_caae_and_affinitynet_steps_and_cam_activations_are_importable(synthetic_dataset):
+def test_the_caae_and_affinitynet_steps_and_the_cam_activations_are_importable(synthetic_dataset):
     torch.manual_seed(0)
     tiny = dict(backbone_name="deit_small_patch16_224", backbone_kwargs=dict(depth=1, embed_dim=32, num_heads=2))
     caae = CAAE(4, image_size=32, class_dim=8, decoder_width=16, decoder_depth=1, decoder_heads=2, **tiny)
@@ -100,7 +100,7 @@ def test_the_caae_and_affinitynet_steps_and_cam_activations_are_importable(synth
     assert torch.isfinite(outputs["loss"])
     segmentor = SemFormerSegmentor(4, image_size=32, class_dim=8, **tiny).eval()
     with torch.no_grad():
-        maps = inference_semformer.cam_activations(segmentor, images, with_cra=True, cra_layers=1)
+        maps = cam_activations(segmentor, images, with_cra=True, cra_layers=1)
     assert maps.shape == (2, 4, 2, 2) and maps.min() >= 0
 
 

@@ -44,6 +44,7 @@ that fails keeps its error as a note; the run then exits with status 1 once both
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import json
 import multiprocessing
@@ -70,7 +71,7 @@ from torch import Tensor, nn
 
 from core.affinitynet import AffinityNet, affinity_loss
 from core.caae import CAAE
-from core.cam import multiscale_cams
+from core.cam import cam_activations, multiscale_cams
 from core.conventions import CAM_STRIDE, IGNORE_INDEX
 from core.deeplab import DeepLab
 from core.losses import LossWeights, caae_loss, segmentation_loss, semformer_loss
@@ -85,6 +86,7 @@ from tools.labels import affinity_label, scores_to_label, threshold_argmax
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.parallel import default_jobs
 from tools.precision import AMP_CHOICES, autocast, resolve_amp
+from tools.presets import vit_kwargs
 from tools.provenance import git_state, package_versions
 from tools.transforms import cam_inputs
 
@@ -275,10 +277,7 @@ def prepare_cam(bench: Bench, setup: Setup) -> Callable[[], dict[str, np.ndarray
     photo = Image.fromarray(random_photo(np.random.default_rng(0), bench.size))
     inputs = cam_inputs(photo, settings["scales"], segmentor.backbone.patch_size)
 
-    def activations(batch: Tensor) -> Tensor:
-        """``(2, 3, h_s, w_s)`` -> ``(2, K, h, w)``: ReLU(seg logits) x CRA."""
-        seg_logits, cra = segmentor(batch, return_cra=True, cra_layers=settings["cra_layers"])
-        return F.relu(seg_logits) * cra
+    activations = functools.partial(cam_activations, segmentor, with_cra=True, cra_layers=settings["cra_layers"])
 
     def cams() -> dict[str, np.ndarray]:
         on_device = [scaled.to(setup.device, non_blocking=True) for scaled in inputs]
@@ -376,10 +375,10 @@ STAGES: dict[str, Stage] = {
     "evaluation": Stage(prepare_evaluation, "s", False, size_format="{0}-{1} px"),
 }
 
-TINY_VIT = dict(backbone_name="deit_small_patch16_224", backbone_kwargs=dict(depth=2, embed_dim=64, num_heads=2))
-TINY_CAAE = dict(**TINY_VIT, decoder_width=64, decoder_depth=1, decoder_heads=2, class_dim=32)
-DEIT_S = dict(backbone_name="deit_small_patch16_224")
-DEIT_B_DISTILLED = dict(backbone_name="deit_base_distilled_patch16_224")
+TINY_VIT = vit_kwargs("tiny")
+TINY_CAAE = dict(**vit_kwargs("tiny", "caae"), decoder_width=64, decoder_depth=1, decoder_heads=2, class_dim=32)
+DEIT_S = vit_kwargs("paper")
+DEIT_B_DISTILLED = vit_kwargs("paper", "caae")
 CAM_SCALES = (0.5, 1.0, 1.5, 2.0)
 AFFINITY_RADIUS = 10  # AffinityNet's training pairs, at stride 4
 TINY_PHOTO = (90, 120)
@@ -397,7 +396,7 @@ CONFIGS: dict[str, dict[str, Bench]] = {
                 "paper": Bench(10, (321, 321), 5, 2,
                                dict(architecture="deeplabv2", backbone="resnet101", bn="frozen"))},
     "cam": {"tiny": Bench(1, TINY_PHOTO, 4, 1, dict(segmentor=TINY_VIT, image_size=128, scales=CAM_SCALES,
-                                                    cra_layers=2)),
+                                                    cra_layers=1)),
             "paper": Bench(1, VOC_PHOTO, 10, 2, dict(segmentor=DEIT_S, image_size=448, scales=CAM_SCALES,
                                                      cra_layers=4))},
     "affinity_label": {"tiny": Bench(1, TINY_PHOTO, 4, 1), "paper": Bench(1, VOC_PHOTO, 5, 1)},

@@ -13,6 +13,7 @@ Exit statuses of every script (``run_main``):
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -157,7 +158,9 @@ def _outcome(error: BaseException) -> tuple[int, str] | None:
 def run_main(main: Callable[[], object]) -> None:
     """Run a script's ``main`` and exit with the statuses of the module docstring: bad input (a named
     file or argument) and interruptions end with one line on stderr, never a traceback. Once ``main``
-    has ended, a further Ctrl-C / SIGTERM no longer changes how it ends."""
+    has ended, a further Ctrl-C / SIGTERM no longer changes how it ends. The library's ``logging``
+    messages (progress notes, what a stage skipped or replaced) are printed to stdout."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         main()
     except BaseException as error:

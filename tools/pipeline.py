@@ -16,6 +16,7 @@ prints the same table.
 """
 from __future__ import annotations
 
+import logging
 import importlib
 import json
 import os
@@ -34,7 +35,10 @@ from typing import Any, Iterator
 from tools.artifacts import ArtifactError, ExperimentPaths, atomic_write_text, missing_ids, read_json
 from tools.cli import EXIT_INTERRUPTED
 from tools.descriptor import load_descriptor
+from tools.presets import recipe_variables
 from tools.provenance import read_run, stale_reasons
+
+LOG = logging.getLogger(__name__)
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RECIPES = REPOSITORY / "data" / "recipes"
@@ -107,8 +111,9 @@ def load_recipe(name: str) -> dict[str, Any]:
 
 
 def build_stages(recipe: dict[str, Any], data_dir: str) -> list[Stage]:
-    """The recipe's stages with ``{data_dir}`` and its variables expanded."""
-    variables = {"data_dir": data_dir}
+    """The recipe's stages with ``{data_dir}``, the presets' ``{VIT_<size>}`` (``tools.presets``) and the
+    recipe's own variables expanded."""
+    variables = {"data_dir": data_dir, **recipe_variables()}
     for name, value in recipe.get("vars", {}).items():
         variables[name] = value.format_map(variables)
     stages = []
@@ -217,7 +222,7 @@ class ProgressEcho:
             sys.stdout.flush()
             self.shown = True
         elif now - self.last_print >= QUIET_PROGRESS_SECONDS:
-            print(f"  {self.label}: {fragment.strip()}", flush=True)
+            LOG.info(f"  {self.label}: {fragment.strip()}")
             self.last_print = now
 
     def close(self) -> None:
@@ -264,8 +269,8 @@ def run_logged(argv: list[str], log: Path, label: str) -> None:
             code = process.wait()
     echo.close()
     if code == EXIT_INTERRUPTED:
-        print(f"interrupted: {label} stopped after saving its checkpoint; run the same run_pipeline.py command "
-              f"again to continue (log {log})", file=sys.stderr)
+        LOG.error(f"interrupted: {label} stopped after saving its checkpoint; run the same run_pipeline.py command "
+                  f"again to continue (log {log})")
         raise SystemExit(EXIT_INTERRUPTED)
     if code != 0:
         lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
@@ -289,11 +294,11 @@ def run_recipe(name: str, settings: Settings, first: str | None = None, last: st
     if dry_run:
         if "make_data" in recipe:
             make = [part.format(data_dir=settings.data_dir) for part in recipe["make_data"]]
-            print(f"# if {settings.dataset} does not exist:\n{printable([settings.python, *make], settings.python)}")
+            LOG.info(f"# if {settings.dataset} does not exist:\n{printable([settings.python, *make], settings.python)}")
         for stage in chosen:
-            print(f"# {stage.title}\n{printable(command(stage, settings), settings.python)}")
+            LOG.info(f"# {stage.title}\n{printable(command(stage, settings), settings.python)}")
             if stage.score:
-                print(printable(evaluation_command(stage, settings), settings.python))
+                LOG.info(printable(evaluation_command(stage, settings), settings.python))
         return []
     label = recipe_path(name).stem
     logs = settings.paths.root / "logs" / f"pipeline@{label}"
@@ -303,18 +308,18 @@ def run_recipe(name: str, settings: Settings, first: str | None = None, last: st
         if "make_data" not in recipe:
             raise ArtifactError(f"{settings.dataset}: dataset descriptor not found (see the README's Data section)")
         make = [part.format(data_dir=settings.data_dir) for part in recipe["make_data"]]
-        print(f"=== dataset\n+ {printable([settings.python, *make], settings.python)}")
+        LOG.info(f"=== dataset\n+ {printable([settings.python, *make], settings.python)}")
         run_logged([settings.python, *make], logs / "dataset.log", "dataset")
     for stage in chosen:
         if force:
             extra, reason = (["--overwrite"] if hasattr(parsed_args(stage, settings), "overwrite") else []), "forced"
         else:
             extra, reason = plan(stage, settings)
-        print(f"=== {stage.title} ({stage.name}): {reason}")
+        LOG.info(f"=== {stage.title} ({stage.name}): {reason}")
         if extra is not None:
             started = time.monotonic()
             argv = command(stage, settings, extra)
-            print(f"+ {printable(argv, settings.python)}", flush=True)
+            LOG.info(f"+ {printable(argv, settings.python)}")
             run_logged(argv, logs / f"{stage.name}.log", stage.name)
             if stage.score:
                 run_logged(evaluation_command(stage, settings), logs / f"{stage.name}.log", "evaluate")
@@ -323,7 +328,7 @@ def run_recipe(name: str, settings: Settings, first: str | None = None, last: st
             run_logged(evaluation_command(stage, settings), logs / f"{stage.name}.log", "evaluate")
         if stage.score:
             state.setdefault(stage.name, {})["miou"] = read_miou(evaluation_file(stage, settings))
-            print(f"    mIoU on {stage.score['domain']}: {state[stage.name]['miou']:.2f}")
+            LOG.info(f"    mIoU on {stage.score['domain']}: {state[stage.name]['miou']:.2f}")
         atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     rows = table_rows(label, stages, settings)
     print_table(rows)
@@ -340,10 +345,10 @@ def table_rows(label: str, stages: list[Stage], settings: Settings) -> list[dict
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'stage':<36} {'scored on':>10} {'mIoU':>8} {'time (s)':>9}")
+    LOG.info(f"\n{'stage':<36} {'scored on':>10} {'mIoU':>8} {'time (s)':>9}")
     for row in rows:
         miou = "-" if row["miou"] is None else f"{row['miou']:.2f}"
         seconds = "-" if row["seconds"] is None else str(row["seconds"])
-        print(f"{row['stage']:<36} {row['list']:>10} {miou:>8} {seconds:>9}")
+        LOG.info(f"{row['stage']:<36} {row['list']:>10} {miou:>8} {seconds:>9}")
     total = sum(row["seconds"] or 0 for row in rows)
-    print(f"{'total':<36} {'':>10} {'':>8} {total:>9}")
+    LOG.info(f"{'total':<36} {'':>10} {'':>8} {total:>9}")

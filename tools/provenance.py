@@ -12,6 +12,7 @@ content depends only on its image, so ``train`` and ``train_aug`` runs share a f
 """
 from __future__ import annotations
 
+import logging
 import argparse
 import hashlib
 import json
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tools.artifacts import ArtifactError, atomic_write_text, read_json
+
+LOG = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
@@ -206,7 +209,7 @@ def claim_output_folder(folder: Path, record: Mapping[str, Any], suffix: str, ov
                                 "folder (another --tag)")
         for path in files:
             path.unlink()
-        print(f"{folder}: {reason}; --overwrite: removed {len(files)} files")
+        LOG.info(f"{folder}: {reason}; --overwrite: removed {len(files)} files")
     atomic_write_text(folder / RUN_FILE, json.dumps(record, indent=2) + "\n")
 
 
