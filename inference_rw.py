@@ -21,7 +21,7 @@ from core.affinitynet import AffinityNet, EDGE_MAP_MIN_SIZE
 from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, random_walk, walk_to_image
 from core.checkpoint import load_weights
 from tools.artifacts import (CAM_SUFFIX, load_prediction, pending_ids, prediction_file, random_walk_name,
-                             require_complete, save_npz)
+                             require_complete, save_walk)
 from tools.arguments import (StageArgumentParser, add_shard_args, non_negative_int, positive_float,
                              positive_int)
 from tools.cli import (add_dataset_args, add_output_args, dataset_flags, open_stage_data, process_rank,
@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             cam = torch.as_tensor(cams["cam"], dtype=torch.float32, device=device)
             rw = random_walk(cam, edge, args.radius, args.beta, args.exp_times, args.background)
             rw = walk_to_image(rw, image.height, image.width, args.normalize)
-        arrays = {"keys": cams["keys"], "rw": rw[len(rw) - len(cam):].cpu().numpy()}  # after the background
-        if args.background is not None:
-            arrays["rw_bg"] = rw[0].cpu().numpy()
-        save_npz(out_dir / f"{image_id}{CAM_SUFFIX}", **arrays)
+        rw = rw.cpu().numpy()
+        background = rw[0] if args.background is not None else None  # channel 0, before the classes
+        save_walk(out_dir / f"{image_id}{CAM_SUFFIX}", cams["keys"], rw[len(rw) - len(cam):], background)
     print(f"Next: python make_pseudo_labels.py --experiment_name {output_name(args)} --domain {args.domain} "
           f"{dataset_flags(args)}")
 

@@ -14,15 +14,13 @@ import argparse
 import functools
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from core.cam import multiscale_cams
+from core.cam import cam_activations, multiscale_cams
 from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
-from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_npz
+from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_cams
 from tools.arguments import (StageArgumentParser, add_shard_args, non_negative_int, parse_bool, parse_scales,
                              positive_int)
 from tools.cli import (add_dataset_args, add_output_args, dataset_flags, evaluation_domain, open_stage_data,
@@ -69,16 +67,6 @@ def build_segmentor(args: argparse.Namespace, num_classes: int, model_path) -> S
     return segmentor
 
 
-def cam_activations(segmentor: SemFormerSegmentor, batch: torch.Tensor, with_cra: bool,
-                    cra_layers: int) -> torch.Tensor:
-    """Class maps ``(B, K, h, w)`` of a batch ``(B, 3, H, W)``: ReLU of the segmentation logits, weighted by
-    the class-relevant attention of the last ``cra_layers`` blocks (docs/method.md §3)."""
-    if not with_cra:
-        return F.relu(segmentor(batch))
-    seg_logits, cra = segmentor(batch, return_cra=True, cra_layers=cra_layers)
-    return F.relu(seg_logits) * cra
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
@@ -105,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         inputs = [scaled.to(device, non_blocking=True) for scaled in inputs]
         with autocast(device, args.amp):
             cams = multiscale_cams(activations, inputs, size, keys, args.exact_hr_cam)
-        save_npz(out_dir / f"{image_id}{CAM_SUFFIX}", **cams)
+        save_cams(out_dir / f"{image_id}{CAM_SUFFIX}", cams["keys"], cams["cam"], cams["hr_cam"])
     print(f"Next: python evaluate.py --experiment_name {name} --domain {evaluation_domain(data.descriptor, args)} "
           f"{dataset_flags(args)}\n"
           f"      python make_affinity_labels.py --experiment_name {name} --domain {args.domain} "

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from core.conventions import strided_size
 
@@ -36,6 +36,16 @@ def scaled_size(height: int, width: int, scale: float, multiple: int) -> tuple[i
         return int(scale), int(scale)
     return (math.ceil(round(height * scale) / multiple) * multiple,
             math.ceil(round(width * scale) / multiple) * multiple)
+
+
+def cam_activations(segmentor: nn.Module, batch: torch.Tensor, with_cra: bool,
+                    cra_layers: int) -> torch.Tensor:
+    """Class maps ``(B, K, h, w)`` of a batch ``(B, 3, H, W)``: ReLU of the segmentation logits, weighted by
+    the class-relevant attention of the last ``cra_layers`` blocks (docs/method.md §3)."""
+    if not with_cra:
+        return F.relu(segmentor(batch))
+    seg_logits, cra = segmentor(batch, return_cra=True, cra_layers=cra_layers)
+    return F.relu(seg_logits) * cra
 
 
 @torch.no_grad()
