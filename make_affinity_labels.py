@@ -16,14 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from tools.arguments import StageArgumentParser, finite_float, non_negative_int
-from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, load_prediction, pending_ids,
-                             prediction_file, require_complete, save_png)
+from tools.artifacts import PNG_SUFFIX, affinity_label_name, load_prediction, prediction_file, save_png
 from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
-                       run_main)
-from tools.reader import VOCReader
+                       run_label_jobs, run_main)
 from tools.labels import AFFINITY_CRF_ITERATIONS, affinity_label
-from tools.parallel import parallel_map
-from tools.provenance import claim_output_folder, folder_input, run_record
+from tools.reader import VOCReader
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,8 +64,6 @@ def main(argv: list[str] | None = None) -> None:
     data = open_stage_data(args)
     cam_dir = data.paths.predictions(args.experiment_name)
     command = f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ..."
-    require_complete(cam_dir, data.ids, CAM_SUFFIX, command)
-    record = run_record(Path(__file__).name, args, {"cams": folder_input(cam_dir, command, args.allow_pickle)})
     fg, bg = args.fg_threshold, args.bg_threshold
     if args.swap_thresholds:
         fg, bg = max(fg, bg), min(fg, bg)
@@ -76,12 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.swap_thresholds:
         name += "@swapped"
     out_dir = data.paths.predictions(name)
-    claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite)
-    todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "affinity labels")
     job = Job(data.reader, cam_dir, out_dir, fg, bg, args.crf_iteration, args.allow_pickle,
               data.descriptor.num_classes)
-    for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "affinity labels"):
-        pass
+    run_label_jobs(args, data, Path(__file__).name, {"cams": cam_dir}, command, out_dir,
+                   functools.partial(make_one, job), "affinity labels")
     print("Next: python train_affinitynet.py --tag AffinityNet@SemFormer "
           f"--label_name {name} {dataset_flags(args)}")
 

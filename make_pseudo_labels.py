@@ -16,14 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from tools.arguments import StageArgumentParser, finite_float, non_negative_int
-from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, ArtifactError, load_prediction, pending_ids, prediction_file,
-                             pseudo_label_name, require_complete, save_png)
+from tools.artifacts import PNG_SUFFIX, ArtifactError, load_prediction, prediction_file, pseudo_label_name, save_png
 from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
-                       run_main)
-from tools.reader import VOCReader
+                       run_label_jobs, run_main)
 from tools.labels import scores_to_label
-from tools.parallel import parallel_map
-from tools.provenance import claim_output_folder, folder_input, run_record
+from tools.reader import VOCReader
 
 PSEUDO_LABEL_THRESHOLD = 0.25
 
@@ -70,16 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     data = open_stage_data(args)
     in_dir = data.paths.predictions(args.experiment_name)
     command = f"python inference_rw.py --domain {args.domain} {dataset_flags(args)} ..."
-    require_complete(in_dir, data.ids, CAM_SUFFIX, command)
-    record = run_record(Path(__file__).name, args, {"scores": folder_input(in_dir, command, args.allow_pickle)})
     name = pseudo_label_name(args.experiment_name, args.crf_iteration)
     out_dir = data.paths.predictions(name)
-    claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite)
-    todo = pending_ids(out_dir, data.ids, PNG_SUFFIX, args.overwrite, "pseudo labels")
     job = Job(data.reader, in_dir, out_dir, data.descriptor.palette, args.threshold, args.crf_iteration,
               args.allow_pickle, data.descriptor.num_classes)
-    for _ in parallel_map(functools.partial(make_one, job), todo, args.n_jobs, "pseudo labels"):
-        pass
+    run_label_jobs(args, data, Path(__file__).name, {"scores": in_dir}, command, out_dir,
+                   functools.partial(make_one, job), "pseudo labels")
     print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} --mode png "
           f"{dataset_flags(args)}")
 

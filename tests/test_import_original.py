@@ -1,4 +1,5 @@
 """Importing the original checkpoints: the Appendix's key layout, written out independently of our models."""
+import json
 import math
 
 import pytest
@@ -198,7 +199,9 @@ def test_command_line_import_writes_our_state_dict(tmp_path):
     torch.save(state, source)
     main(["--kind", "semformer", str(source), str(target)])
     written = torch.load(target, weights_only=True)
-    assert len(written) == 155 and [p.name for p in target.parent.iterdir()] == ["SemFormer.pth"]
+    assert len(written) == 155 and sorted(p.name for p in target.parent.iterdir()) == ["SemFormer.json", "SemFormer.pth"]
+    description = json.loads(target.with_suffix(".json").read_text())  # what inference_semformer.py rebuilds
+    assert (description["kind"], description["num_classes"], description["class_dim"]) == ("semformer", 21, 256)
     torch.testing.assert_close(written["segmentor.cls_token"], state["segmentor.cls_token"], rtol=0, atol=0)
 
     partial = tmp_path / "partial.pth"

@@ -23,9 +23,11 @@ from typing import Callable
 
 from core.errors import CheckpointError
 from tools.arguments import UsageError, positive_int
-from tools.artifacts import ArtifactError, ExperimentPaths
+from tools.artifacts import (CAM_SUFFIX, PNG_SUFFIX, ArtifactError, ExperimentPaths, pending_ids,
+                             require_complete)
 from tools.descriptor import DEFAULT_DESCRIPTOR, DatasetDescriptor, DatasetError, load_descriptor, read_id_list
-from tools.parallel import default_jobs
+from tools.parallel import default_jobs, parallel_map
+from tools.provenance import claim_output_folder, folder_input, run_record
 from tools.reader import VOCReader, make_reader
 
 EXIT_ERROR = 1
@@ -172,6 +174,20 @@ def run_main(main: Callable[[], object]) -> None:
         print(f"\n{message}" if status == EXIT_ABORTED else message, file=sys.stderr)
         sys.exit(status)
     _ignore_interrupts()
+
+
+def run_label_jobs(args: argparse.Namespace, data: StageData, script: str, inputs: dict[str, Path], command: str,
+                   output: Path, make_one: Callable[[str], None], what: str) -> None:
+    """The CAM-to-label stages' loop: the input folders complete (else ``command`` makes them) and
+    recorded with their provenance, the output folder claimed for these settings, and
+    ``make_one(image_id)`` for every label still missing, on ``--n_jobs`` processes."""
+    for folder in inputs.values():
+        require_complete(folder, data.ids, CAM_SUFFIX, command)
+    recorded = {name: folder_input(folder, command, args.allow_pickle) for name, folder in inputs.items()}
+    claim_output_folder(output, run_record(script, args, recorded), PNG_SUFFIX, args.overwrite)
+    todo = pending_ids(output, data.ids, PNG_SUFFIX, args.overwrite, what)
+    for _ in parallel_map(make_one, todo, args.n_jobs, what):
+        pass
 
 
 def process_rank() -> int:

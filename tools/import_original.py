@@ -24,6 +24,7 @@ from core.semformer import SEGMENTOR_PREFIX, SemFormerSegmentor
 from tools.arguments import StageArgumentParser
 from tools.artifacts import atomic_path
 from tools.cli import run_main
+from tools.model_args import save_model_config
 
 KINDS = ("semformer", "caae")
 # Tensors the original saved but never used.
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         raise CheckpointError(f"{args.input}: {error}") from error
     with atomic_path(args.output) as temporary:
         torch.save(ours, temporary)
-    print(f"{args.input} -> {args.output}")
+    config = {**_class_shape(args.kind, state_dict), **model_kwargs_from_args(args)}
+    save_model_config(args.output, args.kind, config.pop("num_classes"), config)  # what later stages rebuild
+    print(f"{args.input} -> {args.output} (+ {args.output.with_suffix('.json').name})")
     print(report.summary())
 
 

@@ -59,13 +59,6 @@ def confusion_stack(
     return counts.reshape(len(predictions), num_classes, columns)
 
 
-def confusion_matrix(
-    gt: np.ndarray, prediction: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX
-) -> np.ndarray:
-    """Confusion counts of one ``(H, W)`` prediction -> ``(C, C + 1)``."""
-    return confusion_stack(gt, np.asarray(prediction)[None], num_classes, ignore_index)[0]
-
-
 @dataclass(frozen=True)
 class SegmentationScores:
     """Per-class IoU, FP and FN fractions ``(C,)``; NaN for classes absent from GT and prediction,
