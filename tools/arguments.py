@@ -47,7 +47,8 @@ class StageArgumentParser(argparse.ArgumentParser):
 
     def _given(self, args: Sequence[str] | None) -> tuple[str, ...]:
         """The dests that the command line (or an ``@file``) sets: argparse applies no default to an
-        attribute the namespace already has, so a namespace of placeholders keeps the others."""
+        attribute the namespace already has, so in a namespace of ``unset`` sentinels the dests that
+        still hold the sentinel after parsing were not given."""
         unset = object()
         probe = argparse.Namespace(**{action.dest: unset for action in self._actions
                                       if action.dest != argparse.SUPPRESS})
