@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from tools.artifacts import atomic_write_text
-from tools.descriptor import COCO_LAYOUT, DatasetDescriptor, DatasetError, check_image_id
+from tools.descriptor import COCO_LAYOUT, DatasetDescriptor, DatasetError, check_image_id, read_json_object
 from tools.reader import VOCReader
 
 INDEX_FILE = "image_labels.json"
@@ -79,14 +79,8 @@ class COCOReader(VOCReader):
 
 def read_image_index(path: Path, num_foreground: int) -> dict[str, IndexEntry]:
     """Read and check an index file; every problem is a one-line error naming the file and the id."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: index file not found (write it with python -m tools.prepare_coco)")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: an index is a JSON object {{id: {{\"file\": ..., \"labels\": [...]}}}}")
+    raw = read_json_object(path, "index file not found (write it with python -m tools.prepare_coco)",
+                           'an index is a JSON object {id: {"file": ..., "labels": [...]}}')
     return {image_id: _index_entry(image_id, value, path, num_foreground) for image_id, value in raw.items()}
 
 

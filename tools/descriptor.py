@@ -128,18 +128,26 @@ def check_image_id(image_id: str, where: str) -> None:
         raise DatasetError(f"{where}: id {image_id!r} is not a plain file name (no '/', '\\', or leading '.')")
 
 
-def load_descriptor(path: str | Path = DEFAULT_DESCRIPTOR) -> DatasetDescriptor:
-    """Read and check a descriptor JSON; relative paths in it are relative to the JSON file."""
+def read_json_object(path: str | Path, missing: str, shape: str) -> dict:
+    """The JSON object of a dataset file; a missing file (``missing`` says what it is), bad JSON or
+    another JSON value (``shape`` says what it should be) is a ``DatasetError`` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: dataset descriptor not found")
+        raise DatasetError(f"{path}: {missing}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: a descriptor is a JSON object with class_names, lists, ...; "
-                           f"found a JSON {type(raw).__name__}")
+        raise DatasetError(f"{path}: {shape}; found a JSON {type(raw).__name__}")
+    return raw
+
+
+def load_descriptor(path: str | Path = DEFAULT_DESCRIPTOR) -> DatasetDescriptor:
+    """Read and check a descriptor JSON; relative paths in it are relative to the JSON file."""
+    path = Path(path)
+    raw = read_json_object(path, "dataset descriptor not found",
+                           "a descriptor is a JSON object with class_names, lists, ...")
     names = raw.get("class_names")
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(name, str) for name in names):
         raise DatasetError(f"{path}: 'class_names' must list the background and at least one class, as strings")

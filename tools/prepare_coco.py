@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from tools.arguments import StageArgumentParser, positive_int
 from tools.artifacts import PNG_SUFFIX, atomic_write_text, pending_ids, save_png
 from tools.cli import run_main
 from tools.coco import INDEX_FILE, IndexEntry, write_coco_descriptor, write_image_index
-from tools.descriptor import MAX_LABEL_VALUE, DatasetError, check_image_id, voc_palette
+from tools.descriptor import MAX_LABEL_VALUE, DatasetError, check_image_id, read_json_object, voc_palette
 from tools.parallel import default_jobs, parallel_map
 
 SPLITS = {"train": "train2014", "val": "val2014"}  # list name -> photo folder
@@ -136,14 +135,8 @@ class Warnings:
 def read_annotation_file(path: Path) -> dict:
     """The JSON object of an instances file, with its ``images``, ``annotations`` and ``categories`` lists
     of objects that have the keys ``REQUIRED_KEYS`` names."""
-    if not path.is_file():
-        raise DatasetError(f"{path}: annotation file not found (COCO 2014's annotations/instances_*2014.json)")
-    try:
-        raw = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{path}: not valid JSON ({error})") from error
-    if not isinstance(raw, dict):
-        raise DatasetError(f"{path}: a COCO instances file is a JSON object, found a JSON {type(raw).__name__}")
+    raw = read_json_object(path, "annotation file not found (COCO 2014's annotations/instances_*2014.json)",
+                           "a COCO instances file is a JSON object")
     for key, required in REQUIRED_KEYS.items():
         if not isinstance(raw.get(key), list):
             raise DatasetError(f"{path}: no '{key}' list (an instances file has images, annotations, categories)")
