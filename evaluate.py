@@ -12,22 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tools.arguments import StageArgumentParser, finite_float, non_negative_int, positive_float
-from tools.artifacts import ArtifactError, ExperimentPaths
-from tools.cli import add_dataset_args, add_jobs_arg, run_main
-from tools.descriptor import load_descriptor, read_id_list
-from tools.metrics import MEAN_OVER
-from tools.evaluation import (
-    MODES,
-    POST_PROCESSES,
-    EvaluationConfig,
-    evaluate,
-    format_report,
-    plot_sweep,
-    summarise,
-    sweep_thresholds,
-    write_json,
-)
+from tools.artifacts.files import ArtifactError
+from tools.artifacts.paths import ExperimentPaths
+from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int, positive_float
+from tools.cli.exits import run_main
+from tools.cli.stage_data import add_dataset_args, add_jobs_arg
+from tools.data.descriptor import load_descriptor, read_id_list
+from tools.scoring.evaluation import (MODES, POST_PROCESSES, SWEEP, EvaluationConfig, evaluate, format_report,
+                                      plot_sweep, summarise, sweep_thresholds, write_json)
+from tools.scoring.metrics import MEAN_OVER
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,16 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--experiment_name", help="folder under <experiments_dir>/predictions/")
     source.add_argument("--pred_dir", help="score this folder instead of the experiment's")
     source.add_argument("--mode", choices=MODES, default="npy",
-                        help="npy: hr_cam (rw if absent) .npz; rw: the rw array; png: <id>.png label maps")
+                        help="npy: the .npz score maps (rw if present, else hr_cam); rw: the rw array; png: <id>.png label maps")
     source.add_argument("--allow_pickle", action="store_true",
                         help="read the original repository's pickled .npy dicts (only files you trust)")
     add_dataset_args(parser)
     parser.add_argument("--gt_dir", help="GT masks (default: <data_dir>/SegmentationClass)")
     protocol = parser.add_argument_group("protocol")
     protocol.add_argument("--threshold", type=finite_float, help="a single background threshold (no sweep)")
-    protocol.add_argument("--min_th", type=finite_float, default=0.10)
-    protocol.add_argument("--max_th", type=finite_float, default=0.40, help="inclusive")
-    protocol.add_argument("--step", type=positive_float, default=0.01)
+    protocol.add_argument("--min_th", type=finite_float, default=SWEEP[0])
+    protocol.add_argument("--max_th", type=finite_float, default=SWEEP[1], help="inclusive")
+    protocol.add_argument("--step", type=positive_float, default=SWEEP[2])
     protocol.add_argument("--crf_iteration", type=non_negative_int, default=0, help="label-CRF iterations; 0 = no CRF")
     protocol.add_argument("--mean_over", choices=MEAN_OVER, default="all",
                           help="all: mean over every class of the descriptor, a class absent from GT and "

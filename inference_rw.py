@@ -17,19 +17,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from core.affinitynet import AffinityNet, EDGE_MAP_MIN_SIZE
-from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, random_walk, walk_to_image
+from core.affinitynet import EDGE_MAP_MIN_SIZE, AffinityNet
 from core.checkpoint import load_weights
-from tools.artifacts import (CAM_SUFFIX, load_prediction, pending_ids, prediction_file, random_walk_name,
-                             require_complete, save_walk)
-from tools.arguments import (StageArgumentParser, add_shard_args, non_negative_int, positive_float,
-                             positive_int)
-from tools.cli import (add_dataset_args, add_output_args, dataset_flags, open_stage_data, process_rank,
-                       rank_shard, run_main, shard)
-from tools.distributed import add_device_arg, inference_device
-from tools.model_args import load_model_config
-from tools.provenance import claim_output_folder, folder_input, model_input, run_record
-from tools.transforms import normalize
+from core.random_walk import RW_BETA, RW_EXP_TIMES, RW_RADIUS, random_walk, walk_to_image
+from tools.artifacts.paths import CAM_SUFFIX, prediction_file, random_walk_name
+from tools.artifacts.predictions import load_prediction, save_walk
+from tools.cli.arguments import StageArgumentParser, add_shard_args, non_negative_int, positive_float, positive_int
+from tools.cli.exits import run_main
+from tools.cli.model_args import load_model_config
+from tools.cli.stage_data import add_dataset_args, add_output_args, dataset_flags, open_stage_data, rank_shard, shard
+from tools.cli.stage_outputs import FolderInput, ModelInput, open_stage_output
+from tools.data.transforms import normalize
+from tools.training.distributed import add_device_arg, inference_device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,20 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     data = open_stage_data(args)
     device = inference_device(args.device)
     cam_dir = data.paths.predictions(args.cam_dir)
-    command = f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ..."
-    require_complete(cam_dir, data.ids, CAM_SUFFIX, command)
     model_path = data.paths.model(args.model_name)
     architecture = load_model_config(model_path, "affinitynet", {"backbone": args.architecture})["backbone"]
     model = AffinityNet(architecture)
     load_weights(model, model_path, f"python train_affinitynet.py --tag {args.model_name} ...")
     model.to(device).eval()
-    out_dir = data.paths.predictions(output_name(args))
-    ids = rank_shard(shard(data.ids, args.start, args.end))
-    inputs = {"cams": folder_input(cam_dir, command, args.allow_pickle), "model": model_input(model_path)}
-    claim_output_folder(out_dir, run_record(Path(__file__).name, args, inputs), CAM_SUFFIX, args.overwrite,
-                        process_rank())
-    todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "random-walk files")
-    for image_id in tqdm(todo, desc="random walk", dynamic_ncols=True):
+    inputs = {"cams": FolderInput(cam_dir, CAM_SUFFIX, f"python inference_semformer.py --domain {args.domain} "
+                                                       f"{dataset_flags(args)} ..."),
+              "model": ModelInput(model_path)}
+    output = open_stage_output(args, data, Path(__file__).name, inputs, output_name(args), CAM_SUFFIX,
+                               rank_shard(shard(data.ids, args.start, args.end)), "random-walk files")
+    for image_id in tqdm(output.todo, desc="random walk", dynamic_ncols=True):
         image = data.reader.load_image(image_id)
         cams = load_prediction(prediction_file(cam_dir, image_id), data.descriptor.num_classes,
                                allow_pickle=args.allow_pickle, image_size=(image.height, image.width),
@@ -96,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             rw = walk_to_image(rw, image.height, image.width, args.normalize)
         rw = rw.cpu().numpy()
         background = rw[0] if args.background is not None else None  # channel 0, before the classes
-        save_walk(out_dir / f"{image_id}{CAM_SUFFIX}", cams["keys"], rw[len(rw) - len(cam):], background)
+        save_walk(output.folder / f"{image_id}{CAM_SUFFIX}", cams["keys"], rw[len(rw) - len(cam):], background)
     print(f"Next: python make_pseudo_labels.py --experiment_name {output_name(args)} --domain {args.domain} "
           f"{dataset_flags(args)}")
 

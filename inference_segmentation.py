@@ -24,18 +24,21 @@ from tqdm import tqdm
 from core.checkpoint import load_weights
 from core.deeplab import DeepLab
 from core.multiscale import DEEPLAB_TEST_SCALES, FUSIONS, multiscale_probabilities
-from tools.artifacts import PNG_SUFFIX, format_scales, missing_ids, pending_ids, save_png
-from tools.arguments import StageArgumentParser, add_shard_args, parse_scales
-from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
-                       process_rank, rank_shard, run_main, shard)
-from tools.crf import CRFSetting, parse_crf_setting
-from tools.distributed import add_device_arg, inference_device
-from tools.labels import write_segmentation_png
-from tools.model_args import load_model_config
-from tools.parallel import BackgroundJobs
-from tools.provenance import claim_output_folder, model_input, run_record
-from tools.submission import submission_dir, write_submission
-from tools.transforms import normalize
+from tools.artifacts.files import save_png
+from tools.artifacts.folders import missing_ids
+from tools.artifacts.paths import PNG_SUFFIX, format_scales
+from tools.cli.arguments import StageArgumentParser, UsageError, add_shard_args, parse_scales
+from tools.cli.exits import run_main
+from tools.cli.model_args import load_model_config
+from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
+                                  process_rank, rank_shard, shard)
+from tools.cli.stage_outputs import ModelInput, open_stage_output
+from tools.data.transforms import normalize
+from tools.scoring.crf import CRFSetting, parse_crf_setting
+from tools.scoring.labels import write_segmentation_png
+from tools.scoring.parallel import BackgroundJobs
+from tools.scoring.submission import submission_dir, write_submission
+from tools.training.distributed import add_device_arg, inference_device
 
 RECIPE_MODEL = {"architecture": "deeplabv2", "backbone": "resnet101", "bn": "frozen"}  # when no <tag>.json
 WAIT_POLL_SECONDS = 5.0
@@ -107,21 +110,20 @@ def wait_for_other_ranks(out_dir: Path, ids: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.submission and (args.start, args.end) != (0.0, 1.0):
-        raise SystemExit("error: --submission packs the whole list: run the --start/--end shards first, then "
-                         "the same command without them plus --submission (finished files are skipped)")
+        raise UsageError("--submission packs the whole list: run the --start/--end shards first, then the same "
+                         "command without them plus --submission (finished files are skipped)")
     data = open_stage_data(args)
     device = inference_device(args.device)
-    model = build_model(args.tag, data.descriptor.num_classes, data.paths.model(args.tag)).to(device).eval()
+    model_path = data.paths.model(args.tag)
+    model = build_model(args.tag, data.descriptor.num_classes, model_path).to(device).eval()
     name = output_name(args)
-    out_dir = data.paths.predictions(name)
-    ids = rank_shard(shard(data.ids, args.start, args.end))
-    record = run_record(Path(__file__).name, args, {"model": model_input(data.paths.model(args.tag))})
-    claim_output_folder(out_dir, record, PNG_SUFFIX, args.overwrite, process_rank())
-    todo = pending_ids(out_dir, ids, PNG_SUFFIX, args.overwrite, "segmentation maps")
+    output = open_stage_output(args, data, Path(__file__).name, {"model": ModelInput(model_path)}, name, PNG_SUFFIX,
+                               rank_shard(shard(data.ids, args.start, args.end)), "segmentation maps")
+    out_dir = output.folder
     palette = data.descriptor.palette
     print(args.crf.describe() if args.crf else "no CRF")
     with BackgroundJobs(args.n_jobs if args.crf else 1) as crf_jobs:
-        for image_id in tqdm(todo, desc="segmentation", dynamic_ncols=True):
+        for image_id in tqdm(output.todo, desc="segmentation", dynamic_ncols=True):
             image = data.reader.load_image(image_id)
             probs = multiscale_probabilities(model, normalize(image).to(device), args.scales, args.flip, args.fusion)
             path = out_dir / f"{image_id}{PNG_SUFFIX}"

@@ -20,16 +20,19 @@ from tqdm import tqdm
 from core.cam import cam_activations, multiscale_cams
 from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
-from tools.artifacts import CAM_SUFFIX, ArtifactError, cam_experiment_name, pending_ids, save_cams
-from tools.arguments import (StageArgumentParser, add_shard_args, non_negative_int, parse_bool, parse_scales,
-                             positive_int)
-from tools.cli import (add_dataset_args, add_output_args, dataset_flags, evaluation_domain, open_stage_data,
-                       process_rank, rank_shard, run_main, shard)
-from tools.dataset import CAMMakingDataset
-from tools.distributed import add_device_arg, inference_device
-from tools.model_args import add_semformer_args, load_model_config, semformer_config
-from tools.precision import AMP_CHOICES, autocast
-from tools.provenance import claim_output_folder, model_input, run_record
+from tools.artifacts.files import ArtifactError
+from tools.artifacts.paths import CAM_SUFFIX, cam_experiment_name
+from tools.artifacts.predictions import save_cams
+from tools.cli.arguments import (StageArgumentParser, UsageError, add_shard_args, non_negative_int, parse_bool,
+                                 parse_scales, positive_int)
+from tools.cli.exits import run_main
+from tools.cli.model_args import add_semformer_args, load_model_config, semformer_config
+from tools.cli.stage_data import (add_dataset_args, add_output_args, dataset_flags, evaluation_domain, open_stage_data,
+                                  rank_shard, shard)
+from tools.cli.stage_outputs import ModelInput, open_stage_output
+from tools.data.datasets import CAMMakingDataset
+from tools.training.distributed import add_device_arg, inference_device
+from tools.training.precision import AMP_CHOICES, autocast
 
 CAM_SCALES = (0.5, 1.0, 1.5, 2.0)
 
@@ -71,29 +74,24 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
     device = inference_device(args.device)
-    scales = args.scales
-    segmentor = build_segmentor(args, data.descriptor.num_classes, data.paths.model(args.tag))
+    model_path = data.paths.model(args.tag)
+    segmentor = build_segmentor(args, data.descriptor.num_classes, model_path)
     segmentor.to(device).eval()
-    patch_size = segmentor.backbone.patch_size
     if args.with_cra and not 1 <= args.cra_layers <= segmentor.backbone.depth:
-        raise SystemExit(f"error: --cra_layers {args.cra_layers} must lie in 1..{segmentor.backbone.depth} "
-                         "(the backbone's depth)")
-
+        raise UsageError(f"--cra_layers {args.cra_layers} must lie in 1..{segmentor.backbone.depth} (the backbone's "
+                         "depth)")
     activations = functools.partial(cam_activations, segmentor, with_cra=args.with_cra, cra_layers=args.cra_layers)
 
-    name = cam_experiment_name(args.tag, args.domain, scales)
-    out_dir = data.paths.predictions(name)
-    ids = rank_shard(shard(data.ids, args.start, args.end))
-    record = run_record(Path(__file__).name, args, {"model": model_input(data.paths.model(args.tag))})
-    claim_output_folder(out_dir, record, CAM_SUFFIX, args.overwrite, process_rank())
-    todo = pending_ids(out_dir, ids, CAM_SUFFIX, args.overwrite, "CAM files")
-    loader = DataLoader(CAMMakingDataset(data.reader, todo, scales, patch_size), batch_size=None,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    name = cam_experiment_name(args.tag, args.domain, args.scales)
+    output = open_stage_output(args, data, Path(__file__).name, {"model": ModelInput(model_path)}, name, CAM_SUFFIX,
+                               rank_shard(shard(data.ids, args.start, args.end)), "CAM files")
+    loader = DataLoader(CAMMakingDataset(data.reader, output.todo, args.scales, segmentor.backbone.patch_size),
+                        batch_size=None, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     for image_id, keys, size, inputs in tqdm(loader, desc="CAMs", dynamic_ncols=True):
         inputs = [scaled.to(device, non_blocking=True) for scaled in inputs]
         with autocast(device, args.amp):
             cams = multiscale_cams(activations, inputs, size, keys, args.exact_hr_cam)
-        save_cams(out_dir / f"{image_id}{CAM_SUFFIX}", cams["keys"], cams["cam"], cams["hr_cam"])
+        save_cams(output.folder / f"{image_id}{CAM_SUFFIX}", cams["keys"], cams["cam"], cams["hr_cam"])
     print(f"Next: python evaluate.py --experiment_name {name} --domain {evaluation_domain(data.descriptor, args)} "
           f"{dataset_flags(args)}\n"
           f"      python make_affinity_labels.py --experiment_name {name} --domain {args.domain} "

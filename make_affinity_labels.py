@@ -15,20 +15,25 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.arguments import StageArgumentParser, finite_float, non_negative_int
-from tools.artifacts import PNG_SUFFIX, affinity_label_name, load_prediction, prediction_file, save_png
-from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
-                       run_label_jobs, run_main)
-from tools.labels import AFFINITY_CRF_ITERATIONS, affinity_label
-from tools.reader import VOCReader
+from tools.artifacts.files import save_png
+from tools.artifacts.paths import CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, prediction_file
+from tools.artifacts.predictions import load_prediction
+from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int
+from tools.cli.exits import run_main
+from tools.cli.stage_data import add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data
+from tools.cli.stage_outputs import FolderInput, run_label_jobs
+from tools.data.voc import VOCReader
+from tools.scoring.labels import AFFINITY_CRF_ITERATIONS, affinity_label
+
+FG_THRESHOLD, BG_THRESHOLD = 0.11, 0.15  # the paper's: confident foreground above 0.11, background below 0.15
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--experiment_name", required=True, help="CAM folder under experiments/predictions/")
     add_dataset_args(parser)
-    parser.add_argument("--fg_threshold", type=finite_float, default=0.11)
-    parser.add_argument("--bg_threshold", type=finite_float, default=0.15)
+    parser.add_argument("--fg_threshold", type=finite_float, default=FG_THRESHOLD)
+    parser.add_argument("--bg_threshold", type=finite_float, default=BG_THRESHOLD)
     parser.add_argument("--swap_thresholds", action="store_true",
                         help="fixed behaviour: confident fg uses the higher threshold, confident bg the lower "
                              "(the original's 0.11 < 0.15 leaves no uncertain band before the CRF)")
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = data.paths.predictions(name)
     job = Job(data.reader, cam_dir, out_dir, fg, bg, args.crf_iteration, args.allow_pickle,
               data.descriptor.num_classes)
-    run_label_jobs(args, data, Path(__file__).name, {"cams": cam_dir}, command, out_dir,
+    run_label_jobs(args, data, Path(__file__).name, {"cams": FolderInput(cam_dir, CAM_SUFFIX, command)}, name,
                    functools.partial(make_one, job), "affinity labels")
     print("Next: python train_affinitynet.py --tag AffinityNet@SemFormer "
           f"--label_name {name} {dataset_flags(args)}")

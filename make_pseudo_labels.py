@@ -15,12 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.arguments import StageArgumentParser, finite_float, non_negative_int
-from tools.artifacts import PNG_SUFFIX, ArtifactError, load_prediction, prediction_file, pseudo_label_name, save_png
-from tools.cli import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
-                       run_label_jobs, run_main)
-from tools.labels import scores_to_label
-from tools.reader import VOCReader
+from tools.artifacts.files import save_png
+from tools.artifacts.paths import CAM_SUFFIX, PNG_SUFFIX, prediction_file, pseudo_label_name
+from tools.artifacts.predictions import load_prediction, score_maps
+from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int
+from tools.cli.exits import run_main
+from tools.cli.stage_data import add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data
+from tools.cli.stage_outputs import FolderInput, run_label_jobs
+from tools.data.voc import VOCReader
+from tools.scoring.labels import scores_to_label
 
 PSEUDO_LABEL_THRESHOLD = 0.25
 
@@ -51,14 +54,10 @@ class Job:
 def make_one(job: Job, image_id: str) -> None:
     image = np.array(job.reader.load_image(image_id)) if job.crf_iteration > 0 else None
     size = image.shape[:2] if image is not None else job.reader.image_size(image_id)
-    prediction = load_prediction(prediction_file(job.in_dir, image_id), job.num_classes,
-                                 allow_pickle=job.allow_pickle, image_size=size)
-    if "rw" not in prediction and "hr_cam" not in prediction:
-        raise ArtifactError(f"{prediction_file(job.in_dir, image_id)}: no 'rw' or 'hr_cam' array "
-                            f"(has {sorted(prediction)})")
-    scores = prediction["rw"] if "rw" in prediction else prediction["hr_cam"]
-    background = prediction.get("rw_bg", job.threshold)  # a propagated background replaces the threshold
-    label = scores_to_label(scores, prediction["keys"], background, image, job.crf_iteration)
+    path = prediction_file(job.in_dir, image_id)
+    maps = score_maps(load_prediction(path, job.num_classes, allow_pickle=job.allow_pickle, image_size=size), path)
+    background = job.threshold if maps.background is None else maps.background  # a propagated one replaces it
+    label = scores_to_label(maps.scores, maps.keys, background, image, job.crf_iteration)
     save_png(job.out_dir / f"{image_id}{PNG_SUFFIX}", label, job.palette)
 
 
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = data.paths.predictions(name)
     job = Job(data.reader, in_dir, out_dir, data.descriptor.palette, args.threshold, args.crf_iteration,
               args.allow_pickle, data.descriptor.num_classes)
-    run_label_jobs(args, data, Path(__file__).name, {"scores": in_dir}, command, out_dir,
+    run_label_jobs(args, data, Path(__file__).name, {"scores": FolderInput(in_dir, CAM_SUFFIX, command)}, name,
                    functools.partial(make_one, job), "pseudo labels")
     print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} --mode png "
           f"{dataset_flags(args)}")

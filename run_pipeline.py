@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 
-from tools.arguments import StageArgumentParser, non_negative_int
-from tools.cli import run_main
+from tools.cli.arguments import StageArgumentParser, non_negative_int
+from tools.cli.exits import run_main
 from tools.pipeline import Settings, load_recipe, recipe_names, run_recipe
 from tools.report import write_report
 

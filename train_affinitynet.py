@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
 
 from core.affinitynet import AffinityNet, affinity_loss
 from core.conventions import CAM_STRIDE
-from core.random_walk import PathIndex, affinity_targets
-from tools.arguments import StageArgumentParser, positive_int
-from tools.artifacts import PNG_SUFFIX, require_complete
-from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
-from tools.dataset import AffinityDataset
-from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
-from tools.model_args import add_pretrained_arg, describe_model
-from tools.optimizer import build_optimizer, parameter_groups
-from tools.provenance import folder_input
-from tools.transforms import affinity_train_transform
+from core.path_index import PathIndex, affinity_targets
+from tools.artifacts.model_card import describe_model
+from tools.artifacts.paths import PNG_SUFFIX
+from tools.cli.arguments import StageArgumentParser, positive_int
+from tools.cli.exits import finish_training, run_main
+from tools.cli.model_args import add_pretrained_arg
+from tools.cli.stage_data import add_dataset_args, dataset_flags, open_stage_data
+from tools.cli.stage_outputs import FolderInput, record_inputs
+from tools.data.datasets import AffinityDataset
+from tools.data.transforms import affinity_train_transform
+from tools.training.config import TrainConfig, add_engine_args
+from tools.training.engine import Trainer, training_processes
+from tools.training.optimizer import build_optimizer, parameter_groups
 
 TRAIN_RADIUS = 10
 
@@ -39,11 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, batch_size=32, max_epoch=3, lr=0.1, wd=1e-4, num_workers=8, select_by="last")
     parser.add_argument("--architecture", default="resnet50", choices=("resnet50", "resnet34", "resnet18"))
     add_pretrained_arg(parser, "torchvision's ResNet")
-    parser.add_argument("--image_size", type=positive_int, default=512, help="crop size")
+    parser.add_argument("--image_size", type=positive_int, default=512, help=f"crop size, a multiple of {CAM_STRIDE}")
     parser.add_argument("--min_image_size", type=positive_int, default=320)
     parser.add_argument("--max_image_size", type=positive_int, default=640)
     parser.add_argument("--radius", type=positive_int, default=TRAIN_RADIUS, help="pair radius at stride 4")
     parser.add_argument("--augment", default="colorjitter", help="colorjitter or ''")
+    parser.add_check(lambda args: None if args.image_size % CAM_STRIDE == 0
+                     else f"--image_size {args.image_size} must be a multiple of {CAM_STRIDE}")
     return parser.parse_args(argv)
 
 
@@ -58,20 +64,28 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], path_
     return affinity_loss(network.affinity(model(images)), bg_pos, fg_pos, neg)
 
 
+def build_model(args: argparse.Namespace) -> tuple[AffinityNet, PathIndex]:
+    """AffinityNet of ``--architecture`` (``--pretrained`` backbone) and the pairs within ``--radius`` on the
+    crops' stride-4 grid that it is trained on."""
+    grid = args.image_size // CAM_STRIDE
+    path_index = PathIndex(args.radius, (grid, grid))
+    return AffinityNet(args.architecture, args.pretrained, path_index), path_index
+
+
+def make_train_step(path_index: PathIndex, num_classes: int) -> Callable[[nn.Module, tuple], dict[str, torch.Tensor]]:
+    """``train_step`` on the pairs of ``path_index``."""
+    return functools.partial(train_step, path_index=path_index, num_classes=num_classes)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
     data = open_stage_data(args)
     label_dir = data.paths.predictions(args.label_name)
     command = f"python make_affinity_labels.py --domain {args.domain} {dataset_flags(args)} ..."
-    require_complete(label_dir, data.ids, PNG_SUFFIX, command)
-    labels = folder_input(label_dir, command)
-    if args.image_size % CAM_STRIDE:
-        raise SystemExit(f"error: --image_size {args.image_size} must be a multiple of {CAM_STRIDE}")
+    inputs = record_inputs({"labels": FolderInput(label_dir, PNG_SUFFIX, command)}, data.ids)
     with training_processes(config.seed) as context:
-        grid = args.image_size // CAM_STRIDE
-        path_index = PathIndex(args.radius, (grid, grid))
-        model = AffinityNet(args.architecture, args.pretrained, path_index)
+        model, path_index = build_model(args)
         transform = affinity_train_transform(args.image_size, args.min_image_size, args.max_image_size,
                                              CAM_STRIDE, color_jitter="colorjitter" in args.augment)
         dataset = AffinityDataset(data.reader, data.ids, label_dir, transform)
@@ -79,10 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
         num_classes = data.descriptor.num_classes
-        step = functools.partial(train_step, path_index=path_index, num_classes=num_classes)
-        result = Trainer(config, context, model, optimizer, dataset, step, script_args=vars(args),
+        result = Trainer(config, context, model, optimizer, dataset, make_train_step(path_index, num_classes),
+                         script_args=vars(args),
                          model_config=describe_model("affinitynet", num_classes, {"backbone": args.architecture}),
-                         inputs={"labels": labels}).fit()
+                         inputs=inputs).fit()
     finish_training(result, config.tag, context.is_main,
                     f"python inference_rw.py --model_name {config.tag} --architecture {args.architecture} "
                     f"--cam_dir <CAM experiment> --domain {args.domain} {dataset_flags(args)}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
@@ -17,14 +18,17 @@ from torch.utils.data import DataLoader
 
 from core.caae import CAAE
 from core.losses import caae_loss
-from tools.arguments import StageArgumentParser, non_negative_float, positive_int
-from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
-from tools.dataset import CAMTestDataset, ClassificationDataset
-from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
-from tools.model_args import add_caae_args, add_pretrained_arg, caae_config, describe_model
-from tools.optimizer import build_optimizer, parameter_groups
-from tools.train_eval import caae_selection_score
-from tools.transforms import caae_eval_transform, caae_train_transform
+from tools.artifacts.model_card import describe_model
+from tools.cli.arguments import StageArgumentParser, non_negative_float, positive_int
+from tools.cli.exits import finish_training, run_main
+from tools.cli.model_args import add_caae_args, add_pretrained_arg, caae_config
+from tools.cli.stage_data import add_dataset_args, dataset_flags, open_stage_data
+from tools.data.datasets import CAMTestDataset, ClassificationDataset
+from tools.data.transforms import caae_eval_transform, caae_train_transform
+from tools.training.config import TrainConfig, add_engine_args
+from tools.training.engine import Trainer, training_processes
+from tools.training.optimizer import build_optimizer, parameter_groups
+from tools.training.selection import caae_selection_score
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,15 +58,24 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], bce_w
     return caae_loss(similarity, reconstruction, labels, images, bce_weight, mse_weight)
 
 
+def build_model(args: argparse.Namespace, num_classes: int) -> CAAE:
+    """The CAAE of the architecture flags, with ``--pretrained`` encoder weights."""
+    return CAAE(num_classes, **caae_config(args), pretrained=args.pretrained,
+                grad_checkpointing=args.grad_checkpointing)
+
+
+def make_train_step(args: argparse.Namespace) -> Callable[[nn.Module, tuple], dict[str, torch.Tensor]]:
+    """``train_step`` with the loss weights of the flags."""
+    return functools.partial(train_step, bce_weight=args.bce_weight, mse_weight=args.mse_weight)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
     data = open_stage_data(args)
     with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
-        model_config = caae_config(args)
-        model = CAAE(num_classes, **model_config, pretrained=args.pretrained,
-                     grad_checkpointing=args.grad_checkpointing)
+        model = build_model(args, num_classes)
         augment = set(filter(None, args.augment.split(",")))
         transform = caae_train_transform(args.image_size, color_jitter="colorjitter" in augment,
                                          expand=(1.0, 3.0) if "randomexpand" in augment else None)
@@ -70,18 +83,15 @@ def main(argv: list[str] | None = None) -> None:
         groups = parameter_groups(model, config.lr, config.weight_decay)
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
-
-        step = functools.partial(train_step, bce_weight=args.bce_weight, mse_weight=args.mse_weight)
-        eval_loader = None
+        evaluate = None
         if config.select_by == "gt":
             eval_set = CAMTestDataset(data.reader, data.descriptor.read_ids(args.eval_domain),
                                       caae_eval_transform(args.image_size))
             eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=config.num_workers)
-        evaluate = None
-        if eval_loader is not None:
             evaluate = functools.partial(caae_selection_score, loader=eval_loader, device=context.device)
-        result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate, script_args=vars(args),
-                         model_config=describe_model("caae", num_classes, model_config)).fit()
+        result = Trainer(config, context, model, optimizer, dataset, make_train_step(args), evaluate=evaluate,
+                         script_args=vars(args),
+                         model_config=describe_model("caae", num_classes, caae_config(args))).fit()
     finish_training(result, config.tag, context.is_main,
                     f"python train_semformer.py --ae_tag {config.tag} {dataset_flags(args)}")
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,17 +28,22 @@ from torch.utils.data import DataLoader
 
 from core.deeplab import ARCHITECTURES, BN_MODES, DeepLab
 from core.losses import SEGMENTATION_LOSSES, segmentation_loss
-from tools.arguments import StageArgumentParser, parse_scales, positive_int
-from tools.artifacts import PNG_SUFFIX, format_scales, require_complete
-from tools.cli import StageData, add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
-from tools.dataset import CAMTestDataset, SegmentationDataset
-from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
-from tools.model_args import add_pretrained_arg, describe_model
-from tools.provenance import external_input, folder_input
-from tools.optimizer import build_optimizer, parameter_groups
-from tools.train_eval import segmentation_selection_score
-from tools.transforms import (DEEPLAB_CROP_SIZE, DEEPLAB_SCALES, SCALE_MODES, segmentation_eval_transform,
-                              segmentation_train_transform)
+from tools.artifacts.folders import require_complete
+from tools.artifacts.model_card import describe_model
+from tools.artifacts.paths import PNG_SUFFIX, format_scales
+from tools.artifacts.provenance import external_input
+from tools.cli.arguments import StageArgumentParser, UsageError, parse_scales, positive_int
+from tools.cli.exits import finish_training, run_main
+from tools.cli.model_args import add_pretrained_arg
+from tools.cli.stage_data import StageData, add_dataset_args, dataset_flags, open_stage_data
+from tools.cli.stage_outputs import FolderInput, record_inputs
+from tools.data.datasets import CAMTestDataset, SegmentationDataset
+from tools.data.transforms import (DEEPLAB_CROP_SIZE, DEEPLAB_SCALES, SCALE_MODES, segmentation_eval_transform,
+                                   segmentation_train_transform)
+from tools.training.config import TrainConfig, add_engine_args
+from tools.training.engine import Trainer, training_processes
+from tools.training.optimizer import build_optimizer, parameter_groups
+from tools.training.selection import segmentation_selection_score
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,17 +82,31 @@ def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss:
     return segmentation_loss(logits, labels, loss, ignore_index)
 
 
-def label_folder(args: argparse.Namespace, data: StageData) -> tuple[Path, dict]:
-    """The label PNG folder of ``--label_name`` / ``--label_dir``, complete for the training list, and
-    its provenance (a ``--label_dir`` is external: none)."""
+def label_inputs(args: argparse.Namespace, data: StageData) -> tuple[Path, dict]:
+    """The label PNG folder of ``--label_name`` / ``--label_dir``, complete for the training list, and its
+    record (a ``--label_dir`` is external: no provenance)."""
     if args.label_dir:
         folder = Path(args.label_dir)
         require_complete(folder, data.ids, PNG_SUFFIX, "(a folder with one <id>.png per id of the list)")
-        return folder, external_input(folder)
+        return folder, {"labels": external_input(folder)}
     folder = data.paths.predictions(args.label_name)
     command = f"python make_pseudo_labels.py --domain {args.domain} {dataset_flags(args)} ..."
-    require_complete(folder, data.ids, PNG_SUFFIX, command)
-    return folder, folder_input(folder, command)
+    return folder, record_inputs({"labels": FolderInput(folder, PNG_SUFFIX, command)}, data.ids)
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> DeepLab:
+    """The DeepLab of the model flags, with ``--pretrained`` backbone weights."""
+    return DeepLab(num_classes, **model_config(args), pretrained=args.pretrained)
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    """The keyword arguments that rebuild the model (its card's)."""
+    return {"architecture": args.architecture, "backbone": args.backbone, "bn": args.backbone_bn}
+
+
+def make_train_step(args: argparse.Namespace, ignore_index: int) -> Callable[[nn.Module, tuple], dict[str, torch.Tensor]]:
+    """``train_step`` with the loss of the flags."""
+    return functools.partial(train_step, loss=args.loss, ignore_index=ignore_index)
 
 
 def validation_loader(args: argparse.Namespace, data: StageData, num_workers: int) -> DataLoader | None:
@@ -105,28 +125,25 @@ def main(argv: list[str] | None = None) -> None:
     config = TrainConfig.from_args(args)
     data = open_stage_data(args)
     transform = segmentation_train_transform(args.crop_size, args.scales, args.scale_mode)
-    labels, labels_input = label_folder(args, data)
+    labels, inputs = label_inputs(args, data)
     dataset = SegmentationDataset(data.reader, data.ids, labels, transform)
     dataset.check_files()
     eval_loader = validation_loader(args, data, config.num_workers)
     if eval_loader is None and config.select_by == "gt":
-        raise SystemExit(f"error: --select_by val needs ground-truth masks for every id of --eval_domain "
-                         f"{args.eval_domain}")
+        raise UsageError(f"--select_by val needs ground-truth masks for every id of --eval_domain {args.eval_domain}")
     with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
-        model_config = {"architecture": args.architecture, "backbone": args.backbone, "bn": args.backbone_bn}
-        model = DeepLab(num_classes, **model_config, pretrained=args.pretrained)
+        model = build_model(args, num_classes)
         groups = parameter_groups(model, config.lr, config.weight_decay)
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
-        step = functools.partial(train_step, loss=args.loss, ignore_index=data.descriptor.ignore_index)
         evaluate = None
         if eval_loader is not None:
             evaluate = functools.partial(segmentation_selection_score, loader=eval_loader, num_classes=num_classes,
                                          device=context.device)
-        result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate,
-                         script_args=vars(args), model_config=describe_model("deeplab", num_classes, model_config),
-                         inputs={"labels": labels_input}).fit()
+        result = Trainer(config, context, model, optimizer, dataset, make_train_step(args, data.descriptor.ignore_index),
+                         evaluate=evaluate, script_args=vars(args),
+                         model_config=describe_model("deeplab", num_classes, model_config(args)), inputs=inputs).fit()
     finish_training(result, config.tag, context.is_main,
                     f"python inference_segmentation.py --tag {config.tag} --domain val {dataset_flags(args)}")
 

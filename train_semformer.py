@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+from typing import Callable
 
 import torch
 from torch import nn
@@ -20,17 +21,21 @@ from core.caae import CAAE
 from core.checkpoint import load_weights
 from core.losses import LossWeights, semformer_loss
 from core.semformer import SemFormer, SemFormerSegmentor, ae_inputs
-from tools.arguments import StageArgumentParser, non_negative_float, positive_int
-from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
-from tools.dataset import CAMTestDataset, ClassificationDataset
-from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
-from tools.logger import TrainingLogger
-from tools.model_args import (add_caae_args, add_pretrained_arg, add_semformer_args, caae_config, describe_model,
-                              load_model_config, semformer_config)
-from tools.provenance import model_input
-from tools.optimizer import build_optimizer, parameter_groups
-from tools.train_eval import semformer_selection_score
-from tools.transforms import IMAGENET_MEAN, IMAGENET_STD, semformer_eval_transform, semformer_train_transform
+from tools.artifacts.model_card import describe_model
+from tools.artifacts.paths import ExperimentPaths
+from tools.artifacts.provenance import model_input
+from tools.cli.arguments import StageArgumentParser, UsageError, non_negative_float, positive_int
+from tools.cli.exits import finish_training, run_main
+from tools.cli.model_args import (add_caae_args, add_pretrained_arg, add_semformer_args, caae_config, load_model_config,
+                                  semformer_config)
+from tools.cli.stage_data import add_dataset_args, dataset_flags, open_stage_data
+from tools.data.datasets import CAMTestDataset, ClassificationDataset
+from tools.data.transforms import IMAGENET_MEAN, IMAGENET_STD, semformer_eval_transform, semformer_train_transform
+from tools.training.config import TrainConfig, add_engine_args
+from tools.training.engine import Trainer, training_processes
+from tools.training.logger import TrainingLogger
+from tools.training.optimizer import build_optimizer, parameter_groups
+from tools.training.selection import semformer_selection_score
 
 OVERLAY_BATCHES = 3  # CAM overlays of the first evaluation batches go to TensorBoard, as in the original
 
@@ -60,13 +65,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_caae(args: argparse.Namespace, num_classes: int, paths) -> tuple[CAAE, int]:
-    """The frozen CAAE of ``--ae_tag`` and its input size, rebuilt from its saved config (or ``--ae_*``)."""
+def build_segmentor(args: argparse.Namespace, num_classes: int) -> SemFormerSegmentor:
+    """The segmentor of the architecture flags, with ``--pretrained`` backbone weights."""
+    return SemFormerSegmentor(num_classes, **semformer_config(args), pretrained=args.pretrained,
+                              grad_checkpointing=args.grad_checkpointing)
+
+
+def build_caae(args: argparse.Namespace, num_classes: int, paths: ExperimentPaths) -> tuple[CAAE, int]:
+    """The frozen CAAE of ``--ae_tag`` and its input size, rebuilt from its card (or ``--ae_*``)."""
     model_path = paths.model(args.ae_tag)
     ae_config = load_model_config(model_path, "caae", caae_config(args, prefix="ae_"), args, prefix="ae_")
     caae = CAAE(num_classes, **ae_config)
     load_weights(caae, model_path, f"python train_caae.py --tag {args.ae_tag} {dataset_flags(args)}")
+    if caae.class_dim != args.class_dim:
+        raise UsageError(f"--class_dim {args.class_dim} differs from the CAAE's {caae.class_dim}")
     return caae, ae_config["image_size"]
+
+
+def make_train_step(args: argparse.Namespace, ae_size: int) -> Callable[[nn.Module, tuple], dict[str, torch.Tensor]]:
+    """``train_step`` with the CAAE's input size and the loss settings of the flags."""
+    weights = LossWeights(**{name: getattr(args, f"{name}_weight") for name in vars(LossWeights())})
+    return functools.partial(train_step, ae_size=ae_size, weights=weights, masked_suppression=args.masked_suppression)
 
 
 def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], ae_size: int,
@@ -100,37 +119,27 @@ def main(argv: list[str] | None = None) -> None:
     data = open_stage_data(args)
     with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
-        model_config = semformer_config(args)
-        segmentor = SemFormerSegmentor(num_classes, **model_config, pretrained=args.pretrained,
-                                       grad_checkpointing=args.grad_checkpointing)
+        segmentor = build_segmentor(args, num_classes)
         groups = parameter_groups(segmentor, config.lr, config.weight_decay)  # before the AE joins: never trained
         optimizer = build_optimizer(groups, config.lr, config.weight_decay, config.momentum, config.nesterov,
                                     config.optimizer)
         caae, ae_size = build_caae(args, num_classes, data.paths)
-        if caae.class_dim != args.class_dim:
-            raise SystemExit(f"error: --class_dim {args.class_dim} differs from the CAAE's {caae.class_dim}")
         model = SemFormer(segmentor, caae)
         transform = semformer_train_transform(args.image_size, args.min_image_size, args.max_image_size,
                                               color_jitter="colorjitter" in args.augment)
         dataset = ClassificationDataset(data.reader, data.ids, transform)
-        loss_weights = LossWeights(**{name: getattr(args, f"{name}_weight") for name in vars(LossWeights())})
-
-        step = functools.partial(train_step, ae_size=ae_size, weights=loss_weights,
-                                 masked_suppression=args.masked_suppression)
         logger = TrainingLogger(config.paths, config.tag, enabled=context.is_main)
-        eval_loader = None
+        evaluate = None
         if config.select_by == "gt":
             eval_set = CAMTestDataset(data.reader, data.descriptor.read_ids(args.eval_domain),
                                       semformer_eval_transform(args.image_size))
             eval_loader = DataLoader(eval_set, batch_size=args.eval_batch_size, num_workers=config.num_workers)
-        evaluate = None
-        if eval_loader is not None:
             evaluate = functools.partial(selection_score, loader=eval_loader, num_classes=num_classes,
                                          device=context.device, logger=logger)
-        result = Trainer(config, context, model, optimizer, dataset, step, evaluate=evaluate,
-                         export_state=SemFormer.segmentor_state_dict,
-                         logger=logger, script_args=vars(args),
-                         model_config=describe_model("semformer", num_classes, model_config),
+        result = Trainer(config, context, model, optimizer, dataset, make_train_step(args, ae_size),
+                         evaluate=evaluate, export_state=SemFormer.segmentor_state_dict, logger=logger,
+                         script_args=vars(args),
+                         model_config=describe_model("semformer", num_classes, semformer_config(args)),
                          inputs={"caae": model_input(data.paths.model(args.ae_tag))}).fit()
     finish_training(result, config.tag, context.is_main,
                     f"python inference_semformer.py --tag {config.tag} --domain train_aug {dataset_flags(args)}")

@@ -1,1 +1,0 @@
-"""Models, losses and training building blocks of the SemFormer pipeline."""

@@ -18,7 +18,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from core.checkpoint import load_imagenet_weights
 from core.param_groups import ParameterGroup
-from core.random_walk import PathIndex, edge_to_affinity
+from core.path_index import PathIndex, edge_to_affinity
 
 BACKBONE_CHANNELS = {
     "resnet18": (64, 64, 128, 256, 512),

@@ -8,11 +8,9 @@ from pathlib import Path
 import torch
 import torchvision
 from safetensors.torch import load_file as load_safetensors
-from torch import Tensor
-from torch import nn
+from torch import Tensor, nn
 
 from core.errors import CheckpointError
-
 
 SAFETENSORS_SUFFIX = ".safetensors"
 LISTED_KEYS = 10  # keys named per kind of problem in an error message

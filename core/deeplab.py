@@ -15,7 +15,6 @@ Every model returns logits ``(B, K, h, w)`` at stride 8 (V1, V2) or 4 (V3+); cal
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 import torchvision

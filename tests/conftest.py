@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.synthetic import generate_dataset
+from tools.data.synthetic.voc_writer import generate_dataset
 
 
 @pytest.fixture(scope="session")

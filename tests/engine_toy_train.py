@@ -1,4 +1,4 @@
-"""A tiny training script on tools.engine, for tests/test_engine.py (run as a script or call ``main``).
+"""A tiny training script on tools.training.engine, for tests/test_engine.py (run as a script or call ``main``).
 
     PYTHONPATH=. python tests/engine_toy_train.py --experiments_dir /tmp/toy [--resume] ...
 
@@ -23,11 +23,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from core.param_groups import ParameterGroup, original_groups
-from tools.distributed import destroy_distributed, init_distributed
-from tools.engine import FitResult, Trainer, TrainConfig, add_engine_args
-from tools.loader import seed_everything
-from tools.logger import TrainingLogger
-from tools.optimizer import build_optimizer, parameter_groups
+from tools.training.config import TrainConfig, add_engine_args
+from tools.training.distributed import destroy_distributed, init_distributed
+from tools.training.engine import FitResult, Trainer
+from tools.training.logger import TrainingLogger
+from tools.training.optimizer import build_optimizer, parameter_groups
+from tools.training.sampling import seed_everything
 
 CLASSES = 3
 CHANNELS = 4

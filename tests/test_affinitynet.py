@@ -10,9 +10,9 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from core.checkpoint import CheckpointError
 from core.affinitynet import AffinityNet, affinity_loss
-from core.random_walk import PathIndex, affinity_targets
+from core.checkpoint import CheckpointError
+from core.path_index import PathIndex, affinity_targets
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import ast
 import pytest
 
 from tests.cli_runner import REPO
-from tools.arguments import StageArgumentParser, given_flags, positive_int
-from tools.provenance import settings_of
+from tools.artifacts.provenance import settings_of
+from tools.cli.arguments import StageArgumentParser, given_flags, positive_int
 
 
 def test_an_args_file_holds_an_ablation_and_only_given_flags_are_marked(tmp_path):

@@ -5,26 +5,26 @@ import stat
 import numpy as np
 import pytest
 
-from tools import artifacts
-from tools.artifacts import ArtifactError
+from tools.artifacts import files, folders, paths, predictions
+from tools.artifacts.files import ArtifactError
 
 
 def test_experiment_names_follow_the_original():
-    cam = artifacts.cam_experiment_name("SemFormer@CAAE@DeiT-B-Dist", "train_aug", [0.5, 1, 1.5, 2.0])
+    cam = paths.cam_experiment_name("SemFormer@CAAE@DeiT-B-Dist", "train_aug", [0.5, 1, 1.5, 2.0])
     assert cam == "SemFormer@CAAE@DeiT-B-Dist@train@scale=0.5,1.0,1.5,2.0"
-    assert artifacts.cam_experiment_name("T", "val", [1.0]) == "T@val@scale=1.0"
-    assert artifacts.affinity_label_name(cam, 0.11, 0.15) == cam + "@aff_fg=0.11_bg=0.15"
-    rw = artifacts.random_walk_name("AffinityNet@SemFormer", "train_aug", 10, 8)
+    assert paths.cam_experiment_name("T", "val", [1.0]) == "T@val@scale=1.0"
+    assert paths.affinity_label_name(cam, 0.11, 0.15) == cam + "@aff_fg=0.11_bg=0.15"
+    rw = paths.random_walk_name("AffinityNet@SemFormer", "train_aug", 10, 8)
     assert rw == "AffinityNet@SemFormer@train@beta=10@exp_times=8@rw"
-    assert artifacts.pseudo_label_name(rw, 1) == rw + "@crf=1"
+    assert paths.pseudo_label_name(rw, 1) == rw + "@crf=1"
 
 
 def test_npz_roundtrip_without_pickle(tmp_path):
     path = tmp_path / "a" / "x.npz"
     keys = np.array([0, 3, 7])
     cam = np.random.rand(2, 3, 4).astype(np.float32)
-    artifacts.save_npz(path, keys=keys, cam=cam, hr_cam=cam)
-    loaded = artifacts.load_prediction(path, num_classes=8)
+    files.save_npz(path, keys=keys, cam=cam, hr_cam=cam)
+    loaded = predictions.load_prediction(path, num_classes=8)
     np.testing.assert_array_equal(loaded["keys"], keys)
     np.testing.assert_array_equal(loaded["cam"], cam)
     assert [p.name for p in path.parent.iterdir()] == ["x.npz"]  # no temporary left behind
@@ -33,7 +33,7 @@ def test_npz_roundtrip_without_pickle(tmp_path):
 def test_failed_write_leaves_no_file(tmp_path):
     path = tmp_path / "y.npz"
     with pytest.raises(RuntimeError):
-        with artifacts.atomic_path(path) as temporary:
+        with files.atomic_path(path) as temporary:
             temporary.write_bytes(b"partial")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
@@ -42,7 +42,7 @@ def test_failed_write_leaves_no_file(tmp_path):
 def test_atomic_writes_get_the_mode_of_an_ordinary_file(tmp_path):
     previous = os.umask(0o022)
     try:
-        artifacts.atomic_write_text(tmp_path / "a.json", "{}")
+        files.atomic_write_text(tmp_path / "a.json", "{}")
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
@@ -52,23 +52,23 @@ def test_legacy_npy_dict_needs_allow_pickle(tmp_path):
     path = tmp_path / "2007_000001.npy"
     np.save(path, {"keys": np.array([0, 5]), "hr_cam": np.ones((1, 2, 2), np.float32)})
     with pytest.raises(ArtifactError, match="--allow_pickle"):
-        artifacts.load_prediction(path, num_classes=21)
-    assert artifacts.load_prediction(path, num_classes=21, allow_pickle=True)["keys"].tolist() == [0, 5]
-    assert artifacts.prediction_file(tmp_path, "2007_000001") == path
+        predictions.load_prediction(path, num_classes=21)
+    assert predictions.load_prediction(path, num_classes=21, allow_pickle=True)["keys"].tolist() == [0, 5]
+    assert paths.prediction_file(tmp_path, "2007_000001") == path
 
 
 def test_truncated_npz_is_a_clear_error(tmp_path):
     path = tmp_path / "z.npz"
-    artifacts.save_npz(path, keys=np.array([0]))
+    files.save_npz(path, keys=np.array([0]))
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(ArtifactError, match="cannot read prediction"):
-        artifacts.load_prediction(path, num_classes=21)
+        predictions.load_prediction(path, num_classes=21)
 
 
 def test_png_labels_palette_and_grayscale(tmp_path):
     label = np.array([[0, 1], [255, 20]], np.uint8)
-    artifacts.save_png(tmp_path / "p.png", label, palette=np.zeros((256, 3), np.uint8))
-    artifacts.save_png(tmp_path / "l.png", label)
-    np.testing.assert_array_equal(artifacts.load_label_png(tmp_path / "p.png"), label)
-    np.testing.assert_array_equal(artifacts.load_label_png(tmp_path / "l.png"), label)
-    assert artifacts.missing_ids(tmp_path, ["p", "q"], ".png") == ["q"]
+    files.save_png(tmp_path / "p.png", label, palette=np.zeros((256, 3), np.uint8))
+    files.save_png(tmp_path / "l.png", label)
+    np.testing.assert_array_equal(files.load_label_png(tmp_path / "p.png"), label)
+    np.testing.assert_array_equal(files.load_label_png(tmp_path / "l.png"), label)
+    assert folders.missing_ids(tmp_path, ["p", "q"], ".png") == ["q"]

@@ -1,14 +1,21 @@
 """tools.bench: the tiny benchmark of every stage, its report files, the plan of rows and CUDA-only options."""
 from __future__ import annotations
 
+import ast
 import json
+from contextlib import ExitStack
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.cli_runner import run_failing, run_script
 from tools import bench
-from tools.parallel import default_jobs
+from tools.benchmark import stages
+from tools.benchmark.measure import Job, fork_server
+from tools.benchmark.stages import CONFIGS, Bench, Setup
+from tools.cli.repository import REPOSITORY, stage_script
+from tools.scoring.parallel import default_jobs
 
 TINY_BENCH_TIMEOUT_S = 60  # the whole tiny run takes ~15 s on two cores
 # One torch thread: the test checks the tool, and two threads on two cores that another job also uses wait
@@ -66,7 +73,7 @@ def test_all_without_a_gpu_skips_the_paper_configs_with_a_note(tmp_path):
 
 def test_plan_of_the_old_single_stage_names_and_of_all():
     (job,) = bench.plan(bench.parse_args(["--config", "deeplab-tiny", "--steps", "2", "--batch_size", "3"]))
-    assert (job.stage, job.config, job.device, job.amp, job.bench.steps, job.bench.batch) == \
+    assert (job.stage, job.config, job.device, job.amp, job.bench.steps, job.batch_size) == \
         ("deeplab", "tiny", "cpu", "off", 2, 3)
     paper = bench.plan(bench.parse_args(["--config", "paper", "--device", "cpu", "--stage", "cam", "random_walk"]))
     assert [(job.stage, job.amp, job.bench.size) for job in paper] == [("cam", "off", (375, 500)),
@@ -84,7 +91,39 @@ def test_flags_that_do_not_fit_together_are_usage_errors(flags):
 
 
 def test_a_failing_row_keeps_its_error_as_a_note():
-    broken = bench.Bench(1, (64, 64), 1, 0, dict(backbone="resnet18", radius=1))  # PathIndex needs radius >= 2
-    job = bench.Job("affinitynet", "tiny", broken, "cpu", "off", None, None, False, 1)
-    row = bench.run_job(job, bench.fork_server())
+    broken = Bench(1, 0, ("--architecture", "resnet18", "--image_size", "64", "--radius", "1"))  # PathIndex: >= 2
+    job = Job("affinitynet", "tiny", broken, "cpu", "off", None, None, False, None, 1)
+    row = bench.run_job(job, fork_server())
     assert row["throughput"] is None and row["note"].startswith("ValueError: PathIndex radius")
+
+
+def test_rows_run_the_scripts_own_builders_steps_and_defaults(monkeypatch):
+    """A training row is the script's ``build_model`` and ``make_train_step`` with its own defaults: a spy
+    put in the loaded script sees every timed step, and the paper row's batch and crop are the script's."""
+    script = stage_script("train_affinitynet")
+    steps = []
+
+    def spied_step(*args):
+        step = script.make_train_step(*args)
+        return lambda model, batch: steps.append(len(batch[0])) or step(model, batch)
+
+    spy = SimpleNamespace(**{**vars(script), "make_train_step": spied_step})
+    monkeypatch.setattr(stages, "stage_script", lambda name: spy if name == "train_affinitynet" else stage_script(name))
+    with ExitStack() as cleanup:
+        setup = Setup(torch.device("cpu"), "off", None, False, None, cleanup)
+        prepared = stages.prepare_affinitynet(CONFIGS["affinitynet"]["tiny"], setup)
+        prepared.run()
+        paper_args = script.parse_args(["--tag", "x", "--label_name", "x"])
+        assert steps == [prepared.batch] == [4]
+        assert (paper_args.batch_size, paper_args.image_size) == (32, 512)  # what the paper row runs at
+
+
+def test_the_benchmark_keeps_no_copy_of_a_paper_default():
+    """The paper's numbers live in the scripts: CAM scales, label thresholds, the evaluation sweep, batch and
+    crop sizes are nowhere in the benchmark's code (its random inputs have their own constants)."""
+    copies = {0.5, 1.5, 0.11, 0.15, 0.25, 0.4, 448, 224, 321, 512, 64, 32}  # 2.0 == 2, a common number
+    for path in (REPOSITORY / "tools" / "bench.py", REPOSITORY / "tools" / "benchmark" / "stages.py"):
+        numbers = {node.value for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, (int, float))
+                   and not isinstance(node.value, bool)}
+        assert not numbers & copies, (path.name, numbers & copies)

@@ -18,11 +18,12 @@ import torch
 from core.affinitynet import AffinityNet
 from core.semformer import SemFormerSegmentor
 from tests.cli_runner import REPO, run_script
-from tools.artifacts import load_label_png, load_prediction
-from tools.presets import vit_kwargs
-from tools.reader import VOCReader
-from tools.descriptor import load_descriptor
-from tools.model_args import save_model_config
+from tools.artifacts.files import load_label_png
+from tools.artifacts.model_card import describe_model, write_card
+from tools.artifacts.predictions import load_prediction
+from tools.cli.presets import vit_kwargs
+from tools.data.descriptor import load_descriptor
+from tools.data.voc import VOCReader
 
 TINY_SEGMENTOR = dict(**vit_kwargs("tiny"), image_size=64, class_dim=8, seg_dropout="token")
 CAM = "SemFormer@tiny@train@scale=1.0,0.5"
@@ -39,7 +40,7 @@ def stage_inputs(synthetic_dataset, tmp_path_factory):
     (root / "models").mkdir()
     model_path = root / "models" / "SemFormer@tiny.pth"
     torch.save({f"segmentor.{key}": value for key, value in segmentor.state_dict().items()}, model_path)
-    save_model_config(model_path, "semformer", descriptor.num_classes, TINY_SEGMENTOR)
+    write_card(model_path, describe_model("semformer", descriptor.num_classes, TINY_SEGMENTOR))
     torch.save(AffinityNet("resnet18").state_dict(), root / "models" / "AffinityNet@tiny.pth")
     flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(root), "--domain", "train"]
     return root, flags, descriptor

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from tools.cli import add_dataset_args, open_stage_data
-from tools.coco import INDEX_FILE, COCOReader
-from tools.dataset import CAMTestDataset, ClassificationDataset
-from tools.descriptor import DatasetError, load_descriptor
+from tools.cli.stage_data import add_dataset_args, open_stage_data
+from tools.data.coco import INDEX_FILE, COCOReader
+from tools.data.datasets import CAMTestDataset, ClassificationDataset
+from tools.data.descriptor import DatasetError, load_descriptor
+from tools.data.readers import make_reader
+from tools.data.synthetic.coco_writer import coco_file_name, coco_sample, generate_coco_dataset
+from tools.data.voc import VOCReader
 from tools.prepare_coco import DESCRIPTOR_FILE, main
-from tools.reader import VOCReader, make_reader
-from tools.synthetic import coco_file_name, coco_sample, generate_coco_dataset
 
 NUM_CLASSES, NUM_TRAIN, NUM_VAL, SEED = 3, 9, 2, 1
 MIN_SIZE, MAX_SIZE = 40, 64

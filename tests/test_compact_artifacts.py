@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from core.cam import multiscale_cams, scaled_size
-from tools import artifacts
-from tools.artifacts import (COMPACT_FORMAT, MAX_SCORE, SCORE_SCALE, ArtifactError, load_prediction, save_cams,
-                             save_npz, save_walk)
-from tools.evaluation import EvaluationConfig, evaluate, sweep_thresholds, threshold_labels
+from tools.artifacts import codec
+from tools.artifacts.codec import COMPACT_FORMAT, MAX_SCORE, SCORE_SCALE
+from tools.artifacts.files import ArtifactError, save_npz
+from tools.artifacts.predictions import load_prediction, save_cams, save_walk
+from tools.scoring.evaluation import EvaluationConfig, evaluate, sweep_thresholds, threshold_labels
 
 HEIGHT, WIDTH = 375, 500  # a PASCAL VOC photo
 NUM_CLASSES = 21
@@ -123,7 +124,7 @@ def test_every_four_decimal_threshold_decides_as_on_float32_scores():
     near = np.concatenate([thresholds, np.nextafter(thresholds, np.float32(2)),
                            np.nextafter(thresholds, np.float32(-1))])
     scores = np.concatenate([near[near >= 0], np.random.default_rng(1).random(20000, dtype=np.float32)])
-    decoded = artifacts.dequantise(artifacts.quantise_scores(scores))
+    decoded = codec.dequantise(codec.quantise_scores(scores))
     assert np.abs(decoded - scores).max() <= HALF_STEP_TOLERANCE
     for threshold in np.asarray(SWEEP + (0.05, 0.11, 0.15, 0.3333), dtype=np.float32):
         np.testing.assert_array_equal(decoded > threshold, scores > threshold)
@@ -133,7 +134,7 @@ def test_every_four_decimal_threshold_decides_as_on_float32_scores():
 
 def test_planar_residuals_invert_exactly_even_where_they_wrap():
     codes = np.random.default_rng(2).integers(0, 2 ** 16, (2, 7, 9)).astype(np.uint16)
-    np.testing.assert_array_equal(artifacts.planar_codes(artifacts.planar_residuals(codes)), codes)
+    np.testing.assert_array_equal(codec.planar_codes(codec.planar_residuals(codes)), codes)
 
 
 # ----------------------------------------------------------------------------- results and size
@@ -234,7 +235,7 @@ def test_truncated_or_corrupted_compact_files_are_one_line_errors(compact_file):
 
 def test_decoded_arrays_are_checked_as_float32_files_are(compact_file, monkeypatch):
     assert "but the image needs 376x500" in one_line_error(compact_file, image_size=(HEIGHT + 1, WIDTH))
-    monkeypatch.setattr(artifacts, "dequantise", lambda codes: np.full(codes.shape, np.nan, np.float32))
+    monkeypatch.setattr(codec, "dequantise", lambda codes: np.full(codes.shape, np.nan, np.float32))
     assert "non-finite values" in one_line_error(compact_file)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.artifacts import load_label_png
-from tools.crf import crf_inference, crf_inference_label
+from tools.artifacts.files import load_label_png
+from tools.scoring.crf import crf_inference, crf_inference_label
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"{SAMPLE} is absent")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from tests.voc_layout import CLASS_NAMES, make_voc_layout, write_mask, write_xml
-from tools.dataset import AffinityDataset, CAMMakingDataset, CAMTestDataset, ClassificationDataset
-from tools.reader import VOCReader
-from tools.descriptor import DatasetError, load_descriptor, read_id_list
+from tools.data.datasets import AffinityDataset, CAMMakingDataset, CAMTestDataset, ClassificationDataset
+from tools.data.descriptor import DatasetError, load_descriptor, read_id_list
+from tools.data.voc import VOCReader
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"
 REPO = Path(__file__).resolve().parents[1]

@@ -15,13 +15,16 @@ import pytest
 import torch
 from torch import nn
 
-from tests.engine_toy_train import ToyDataset, ToyNet, main as toy_main, toy_step
-from tools.artifacts import ExperimentPaths
-from tools.checkpoint import load_checkpoint
-from tools.distributed import DistContext
-from tools.engine import Trainer, TrainConfig
-from tools.loader import EpochSampler, SeededDataset, micro_batch_size, seed_everything
-from tools.optimizer import LearningRateFactor, build_optimizer, build_scheduler, parameter_groups
+from tests.engine_toy_train import ToyDataset, ToyNet
+from tests.engine_toy_train import main as toy_main
+from tests.engine_toy_train import toy_step
+from tools.artifacts.paths import ExperimentPaths
+from tools.training.config import TrainConfig
+from tools.training.distributed import DistContext
+from tools.training.engine import Trainer
+from tools.training.optimizer import LearningRateFactor, build_optimizer, build_scheduler, parameter_groups
+from tools.training.sampling import EpochSampler, SeededDataset, micro_batch_size, seed_everything
+from tools.training.state import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = REPO / "tests" / "engine_toy_train.py"

@@ -11,9 +11,10 @@ from PIL import Image
 import evaluate
 from tests.voc_layout import make_voc_layout, write_xml
 from tools import baseline_cams
-from tools.artifacts import ArtifactError, load_prediction, save_npz
-from tools.descriptor import DatasetError, voc_palette, write_descriptor
-from tools.evaluation import sweep_thresholds, threshold_labels
+from tools.artifacts.files import ArtifactError, save_npz
+from tools.artifacts.predictions import load_prediction
+from tools.data.descriptor import DatasetError, voc_palette, write_descriptor
+from tools.scoring.evaluation import sweep_thresholds, threshold_labels
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"

@@ -23,6 +23,7 @@ import torchvision
 
 import evaluate
 import inference_rw
+import inference_segmentation
 import inference_semformer
 import make_affinity_labels
 import make_pseudo_labels
@@ -31,13 +32,17 @@ import train_caae
 import train_segmentation
 import train_semformer
 from core.affinitynet import AffinityNet
+from core.caae import CAAE
+from core.semformer import SemFormerSegmentor
 from tests.cli_runner import REPO
 from tools import baseline_cams
-from tools.artifacts import load_label_png, load_prediction, save_npz
-from tools.cli import EXIT_ABORTED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, run_main
-from tools.descriptor import load_descriptor
+from tools.artifacts.files import load_label_png, save_npz
+from tools.artifacts.model_card import describe_model, write_card
+from tools.artifacts.predictions import load_prediction
+from tools.cli.exits import EXIT_ABORTED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, run_main
+from tools.cli.presets import vit_flags, vit_kwargs
+from tools.data.descriptor import load_descriptor
 from tools.pipeline import Settings, load_recipe
-from tools.presets import vit_flags
 
 CAMS = "Baseline@centre"
 TINY_VIT = ["--pretrained", "none", *vit_flags("tiny")]
@@ -361,6 +366,37 @@ def test_cuda_device_on_a_machine_without_one_is_a_usage_line(capsys):
     assert code == EXIT_USAGE and "argument --device: 'cuda': no CUDA device on this machine" in message
 
 
+def test_flags_that_only_fail_once_the_model_or_data_is_known_are_usage_errors_too(capsys, data, tmp_path):
+    """The checks that need a loaded model or the run's shards exit 2 through ``UsageError``, like argparse's."""
+    experiments = tmp_path / "exp"
+    flags = ["--dataset", str(data), "--experiments_dir", str(experiments)]
+    num_classes = load_descriptor(data).num_classes
+    segmentor = SemFormerSegmentor(num_classes, **vit_kwargs("tiny"), image_size=64, class_dim=16)
+    model = experiments / "models" / "S.pth"
+    model.parent.mkdir(parents=True)
+    torch.save({f"segmentor.{key}": value for key, value in segmentor.state_dict().items()}, model)
+    write_card(model, describe_model("semformer", num_classes, {**vit_kwargs("tiny"), "image_size": 64,
+                                                                  "class_dim": 16}))
+    caae = CAAE(num_classes, **vit_kwargs("tiny", "caae"), image_size=64, class_dim=16, decoder_width=32,
+                decoder_depth=1, decoder_heads=2)
+    torch.save(caae.state_dict(), experiments / "models" / "A.pth")
+    write_card(experiments / "models" / "A.pth", describe_model("caae", num_classes, {
+        **vit_kwargs("tiny", "caae"), "image_size": 64, "class_dim": 16, "decoder_width": 32, "decoder_depth": 1,
+        "decoder_heads": 2}))
+    cases = [
+        (inference_semformer.main, ["--tag", "S", "--cra_layers", "5"], "--cra_layers 5 must lie in 1..1"),
+        (train_affinitynet.main, ["--tag", "F", "--label_name", "L", "--image_size", "126"],
+         "--image_size 126 must be a multiple of 4"),
+        (train_semformer.main, ["--tag", "T", "--ae_tag", "A", *TINY_VIT, "--image_size", "64"],
+         "--class_dim 256 differs from the CAAE's 16"),
+        (inference_segmentation.main, ["--tag", "D", "--submission", "--start", "0.5"],
+         "--submission packs the whole list"),
+    ]
+    for main, argv, expected in cases:
+        code, message = outcome(capsys, main, *argv, *flags)
+        assert (code, f"error: {expected}" in message) == (EXIT_USAGE, True), message
+
+
 # ----------------------------------------------------------------------------- 5. smaller ones
 def test_an_id_that_is_not_a_file_name_is_refused(cams, capsys, tmp_path):
     flags, _ = cams
@@ -380,7 +416,7 @@ def test_next_commands_keep_the_list_and_score_train_aug_on_train(cams, capsys, 
     make_affinity_labels.main(["--experiment_name", CAMS, "--crf_iteration", "0", "--n_jobs", "1", *flags,
                                "--list", str(listing)])
     assert f"--list {listing}" in capsys.readouterr().out
-    from tools.cli import evaluation_domain
+    from tools.cli.stage_data import evaluation_domain
     descriptor = load_descriptor(data)
     assert evaluation_domain(descriptor, inference_semformer.parse_args(["--tag", "S", "--domain", "train_aug"])) \
         == "train"

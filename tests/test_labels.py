@@ -1,7 +1,7 @@
 """Threshold argmax, pseudo-label and affinity-label rules on hand-made score maps."""
 import numpy as np
 
-from tools.labels import affinity_label, scores_to_label, threshold_argmax
+from tools.scoring.labels import affinity_label, scores_to_label, threshold_argmax
 
 
 def test_threshold_argmax_ties_go_to_background():

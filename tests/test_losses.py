@@ -5,18 +5,8 @@ import math
 import pytest
 import torch
 
-from core.losses import (
-    LossWeights,
-    activation_completion,
-    activation_suppression,
-    caae_loss,
-    class_loss,
-    cosine_similarity,
-    nanmean,
-    seen_pairs,
-    seg_sim_loss,
-    semformer_loss,
-)
+from core.losses import (LossWeights, activation_completion, activation_suppression, caae_loss, class_loss,
+                         cosine_similarity, nanmean, seen_pairs, seg_sim_loss, semformer_loss)
 
 TOLERANCE = 1e-6
 LOG_CLAMP = -100.0

@@ -2,12 +2,7 @@
 import numpy as np
 import pytest
 
-from tools.metrics import (
-    ConfusionAccumulator,
-    confusion_stack,
-    erode_labels,
-    scores_from_confusion,
-)
+from tools.scoring.metrics import ConfusionAccumulator, confusion_stack, erode_labels, scores_from_confusion
 
 GT = np.array([[0, 0, 1, 1], [0, 2, 2, 255], [1, 1, 2, 255]])
 PRED = np.array([[0, 1, 1, 1], [0, 2, 0, 2], [1, 255, 2, 0]])

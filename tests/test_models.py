@@ -11,15 +11,8 @@ from core.backbone import ViTBackbone, block_with_attention
 from core.caae import CAAE
 from core.checkpoint import CheckpointError
 from core.losses import cosine_similarity
-from core.semformer import (
-    FeatureDropout,
-    SemFormer,
-    SemFormerSegmentor,
-    SeparateLinear,
-    ae_inputs,
-    class_relevant_attention,
-    load_segmentor_weights,
-)
+from core.semformer import (FeatureDropout, SemFormer, SemFormerSegmentor, SeparateLinear, ae_inputs,
+                            class_relevant_attention, load_segmentor_weights)
 
 TINY = dict(depth=2, embed_dim=64, num_heads=2)
 NUM_CLASSES = 5

@@ -9,7 +9,7 @@ from core.caae import CAAE
 from core.deeplab import DeepLab
 from core.param_groups import ParameterGroup, check_groups
 from core.semformer import SemFormerSegmentor
-from tools.optimizer import parameter_groups
+from tools.training.optimizer import parameter_groups
 
 TINY_VIT = dict(backbone_name="deit_small_patch16_224", backbone_kwargs=dict(depth=1, embed_dim=32, num_heads=2),
                 image_size=64, class_dim=16)

@@ -16,18 +16,12 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from tools.cli import run_main
-from tools.descriptor import DatasetError, load_descriptor
+from tools.cli.exits import run_main
+from tools.data.descriptor import DatasetError, load_descriptor
+from tools.data.synthetic.coco_writer import (COCO_CATEGORY_IDS, COCO_SPLIT_FOLDERS, CocoAnnotation, coco_file_name,
+                                              coco_sample, generate_coco_dataset)
+from tools.data.voc import read_mask_png
 from tools.prepare_coco import DESCRIPTOR_FILE, INDEX_FILE, MASK_FOLDER, main, rle_string_counts
-from tools.reader import read_mask_png
-from tools.synthetic import (
-    COCO_CATEGORY_IDS,
-    COCO_SPLIT_FOLDERS,
-    CocoAnnotation,
-    coco_file_name,
-    coco_sample,
-    generate_coco_dataset,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES, NUM_TRAIN, NUM_VAL, SEED = 4, 10, 4, 0

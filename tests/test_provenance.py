@@ -11,13 +11,16 @@ from core.semformer import SemFormerSegmentor
 from tests.cli_runner import run_failing, run_script
 from tests.engine_toy_train import ToyDataset, ToyNet, toy_step
 from tests.test_engine import SINGLE_CPU
-from tools.artifacts import ArtifactError, ExperimentPaths, save_png
-from tools.reader import VOCReader
-from tools.descriptor import load_descriptor
-from tools.engine import Trainer, TrainConfig
-from tools.model_args import describe_model, load_model_config, save_model_config
-from tools.optimizer import build_optimizer, parameter_groups
-from tools.provenance import RUN_FILE, claim_output_folder, folder_input, model_input, read_run, run_record
+from tools.artifacts.files import ArtifactError, save_png
+from tools.artifacts.model_card import describe_model, write_card
+from tools.artifacts.paths import ExperimentPaths
+from tools.artifacts.provenance import RUN_FILE, claim_output_folder, folder_input, model_input, read_run, run_record
+from tools.cli.model_args import load_model_config
+from tools.data.descriptor import load_descriptor
+from tools.data.voc import VOCReader
+from tools.training.config import TrainConfig
+from tools.training.engine import Trainer
+from tools.training.optimizer import build_optimizer, parameter_groups
 
 TAG = "toy"
 TINY_SEGMENTOR = dict(backbone_name="deit_small_patch16_224", image_size=64,
@@ -86,9 +89,9 @@ def _toy_trainer(root, **overrides) -> Trainer:
 def test_model_record_comes_with_the_weights_and_a_finished_tag_is_kept(tmp_path):
     paths = ExperimentPaths(tmp_path)
     trainer = _toy_trainer(tmp_path)
-    assert not paths.model_config(TAG).exists()  # nothing is written before a model exists
+    assert not paths.model_card(TAG).exists()  # nothing is written before a model exists
     trainer.fit()
-    record = json.loads(paths.model_config(TAG).read_text())
+    record = json.loads(paths.model_card(TAG).read_text())
     assert (record["kind"], record["num_classes"], record["width"]) == ("toy", 2, 4)
     assert record["run"]["inputs"]["labels"]["provenance"] == "abc" and record["finished"] is True
     assert model_input(paths.model(TAG))["provenance"] == record["run"]["provenance"]
@@ -115,7 +118,7 @@ def semformer_root(synthetic_dataset, tmp_path):
     model_path = tmp_path / "models" / "SemFormer@tiny.pth"
     model_path.parent.mkdir()
     torch.save({f"segmentor.{key}": value for key, value in segmentor.state_dict().items()}, model_path)
-    save_model_config(model_path, "semformer", descriptor.num_classes, TINY_SEGMENTOR)
+    write_card(model_path, describe_model("semformer", descriptor.num_classes, TINY_SEGMENTOR))
     flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path), "--domain", "train"]
     return tmp_path, flags, descriptor
 

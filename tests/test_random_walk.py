@@ -12,17 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import core.random_walk as random_walk_module
-from core.random_walk import (
-    PathIndex,
-    affinity_targets,
-    direction_path,
-    edge_to_affinity,
-    normalize_rw,
-    random_walk,
-    search_directions,
-    transition_matrix,
-    transition_stencil,
-)
+from core.path_index import PathIndex, affinity_targets, direction_path, edge_to_affinity, search_directions
+from core.random_walk import normalize_rw, random_walk, transition_matrix, transition_stencil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,19 +17,19 @@ import torchvision
 from PIL import Image
 
 from core.checkpoint import CheckpointError
-from core.deeplab import DeepLab, V2_DILATIONS
+from core.deeplab import V2_DILATIONS, DeepLab
 from core.losses import segmentation_loss
 from core.multiscale import multiscale_probabilities
 from tests.cli_runner import REPO, run_failing, run_script
-from tools.artifacts import ArtifactError, load_label_png, save_png
-from tools.cli import EXIT_INTERRUPTED
-from tools.crf import DEEPLAB_KERNELS, ORIGINAL_KERNELS, parse_crf_setting
-from tools.reader import VOCReader
-from tools.descriptor import load_descriptor
-from tools.metrics import ConfusionAccumulator
-from tools.optimizer import parameter_groups
-from tools.submission import check_submission_png
-from tools.transforms import RandomScale
+from tools.artifacts.files import ArtifactError, load_label_png, save_png
+from tools.cli.exits import EXIT_INTERRUPTED
+from tools.data.descriptor import load_descriptor
+from tools.data.transforms import RandomScale
+from tools.data.voc import VOCReader
+from tools.scoring.crf import DEEPLAB_KERNELS, ORIGINAL_KERNELS, parse_crf_setting
+from tools.scoring.metrics import ConfusionAccumulator
+from tools.scoring.submission import check_submission_png
+from tools.training.optimizer import parameter_groups
 
 TINY_MODEL = ["--backbone", "resnet18", "--pretrained", "none", "--backbone_bn", "train"]
 TINY_TRAINING = ["--crop_size", "64", "--scales", "0.75,1.0,1.25", "--batch_size", "4", "--num_workers", "0",

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.artifacts import load_label_png, load_prediction, save_npz, save_png
-from tools.evaluation import EvaluationConfig, predict_labels, score_image, sweep_thresholds, threshold_labels
-from tools.metrics import confusion_stack, erode_labels
-from tools.sweep import sweep_confusions
+from tools.artifacts.files import load_label_png, save_npz, save_png
+from tools.artifacts.predictions import load_prediction
+from tools.scoring.evaluation import EvaluationConfig, predict_labels, score_image, sweep_thresholds, threshold_labels
+from tools.scoring.metrics import confusion_stack, erode_labels
+from tools.scoring.sweep import sweep_confusions
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample"
 SWEEP = sweep_thresholds(0.10, 0.40, 0.01)  # evaluate.py's default 31 thresholds

@@ -7,18 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tools.reader import VOCReader
-from tools.descriptor import load_descriptor
-from tools.synthetic import (
-    IGNORE_INDEX,
-    MAX_CLASSES,
-    MIN_VISIBLE_FRACTION,
-    dataset_statistics,
-    generate_dataset,
-    main,
-    render_sample,
-    sample_rng,
-)
+from core.conventions import IGNORE_INDEX
+from tools.cli.arguments import UsageError
+from tools.data.descriptor import load_descriptor
+from tools.data.synthetic.render import MAX_CLASSES, MIN_VISIBLE_FRACTION, render_sample, sample_rng
+from tools.data.synthetic.statistics import dataset_statistics
+from tools.data.synthetic.voc_writer import generate_dataset
+from tools.data.voc import VOCReader
+from tools.synthetic import main
 
 NUM_CLASSES, NUM_TRAIN, NUM_VAL = 4, 12, 4
 MIN_SIZE, MAX_SIZE = 64, 128
@@ -206,7 +202,7 @@ def test_command_line_num_classes(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "images per class" in printed and "[val] 2 images" in printed
     main(["--stats", str(root)])
     assert capsys.readouterr().out == printed
-    with pytest.raises(SystemExit, match="num_classes"):
+    with pytest.raises(UsageError, match="num_classes"):  # run_main: exit status 2, as argparse's errors
         main(["--out", str(tmp_path / "bad"), "--num_classes", str(MAX_CLASSES + 1)])
     with pytest.raises(SystemExit):
         main([])

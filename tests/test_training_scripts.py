@@ -13,16 +13,16 @@ from core.affinitynet import AffinityNet
 from core.caae import CAAE
 from core.cam import cam_activations
 from core.losses import LossWeights
-from core.random_walk import PathIndex
+from core.path_index import PathIndex
 from core.semformer import SemFormer, SemFormerSegmentor
 from tests.cli_runner import run_script
-from tools.artifacts import save_png
-from tools.dataset import ClassificationDataset
-from tools.presets import vit_flags
-from tools.reader import VOCReader
-from tools.descriptor import load_descriptor
-from tools.provenance import claim_output_folder, run_record
-from tools.transforms import semformer_train_transform
+from tools.artifacts.files import save_png
+from tools.artifacts.provenance import claim_output_folder, run_record
+from tools.cli.presets import vit_flags
+from tools.data.datasets import ClassificationDataset
+from tools.data.descriptor import load_descriptor
+from tools.data.transforms import semformer_train_transform
+from tools.data.voc import VOCReader
 
 TINY_VIT = ["--pretrained", "none", *vit_flags("tiny")]
 TINY_CAAE = [*TINY_VIT, "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1",

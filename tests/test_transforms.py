@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from tools import transforms as T
+from tools.data import transforms as T
 
 # Label -> RGB colour of the synthetic images, so a transformed pixel's colour names its label.
 PALETTE = {0: (200, 30, 30), 1: (30, 200, 30), 2: (30, 30, 200), 3: (200, 200, 30), 7: (30, 200, 200), 255: (250, 250, 250)}

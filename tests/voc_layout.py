@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tools.descriptor import voc_palette, write_descriptor
+from tools.data.descriptor import voc_palette, write_descriptor
 
 CLASS_NAMES = ["background", "cat", "dog", "car"]
 

@@ -1,1 +1,0 @@
-"""Datasets, augmentation, CRF, metrics, artifact I/O and the training engine."""

@@ -20,10 +20,12 @@ import numpy as np
 from tqdm import tqdm
 
 from core.conventions import strided_size
-from tools.arguments import StageArgumentParser
-from tools.artifacts import CAM_SUFFIX, save_npz
-from tools.cli import add_dataset_args, open_stage_data, run_main
-from tools.provenance import claim_output_folder, run_record
+from tools.artifacts.files import save_npz
+from tools.artifacts.paths import CAM_SUFFIX
+from tools.artifacts.provenance import claim_output_folder, run_record
+from tools.cli.arguments import StageArgumentParser
+from tools.cli.exits import run_main
+from tools.cli.stage_data import add_dataset_args, open_stage_data
 
 KINDS = ("centre", "uniform")
 CENTRE_SIGMA_FRACTION = 0.25  # Gaussian sigma per axis as a fraction of the image's height / width

@@ -21,10 +21,10 @@ from torch import Tensor
 from core.caae import CAAE
 from core.checkpoint import CheckpointError, compare_state_dicts, read_state_dict
 from core.semformer import SEGMENTOR_PREFIX, SemFormerSegmentor
-from tools.arguments import StageArgumentParser
-from tools.artifacts import atomic_path
-from tools.cli import run_main
-from tools.model_args import save_model_config
+from tools.artifacts.files import atomic_path
+from tools.artifacts.model_card import describe_model, write_card
+from tools.cli.arguments import StageArgumentParser
+from tools.cli.exits import run_main
 
 KINDS = ("semformer", "caae")
 # Tensors the original saved but never used.
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     with atomic_path(args.output) as temporary:
         torch.save(ours, temporary)
     config = {**_class_shape(args.kind, state_dict), **model_kwargs_from_args(args)}
-    save_model_config(args.output, args.kind, config.pop("num_classes"), config)  # what later stages rebuild
+    write_card(args.output, describe_model(args.kind, config.pop("num_classes"), config))  # what later stages rebuild
     print(f"{args.input} -> {args.output} (+ {args.output.with_suffix('.json').name})")
     print(report.summary())
 

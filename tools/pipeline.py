@@ -6,7 +6,7 @@ optionally how it is scored (``{"mode", "domain"}``, through ``evaluate.py``) an
 under ``torchrun`` with ``--gpus``. Every command gets ``--dataset``, ``--data_dir`` and
 ``--experiments_dir``.
 
-A stage is skipped when its output is complete and its provenance (``tools.provenance``) matches
+A stage is skipped when its output is complete and its provenance (``tools.artifacts.provenance``) matches
 the command: same settings, inputs not remade since. Otherwise it runs: a model with ``--resume``
 if a matching run was interrupted, ``--overwrite`` if its settings or inputs changed; a folder
 with ``--overwrite`` if it was made another way (finished files are kept when it was not). Stage
@@ -16,9 +16,8 @@ prints the same table.
 """
 from __future__ import annotations
 
-import logging
-import importlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -32,15 +31,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tools.artifacts import ArtifactError, ExperimentPaths, atomic_write_text, missing_ids, read_json
-from tools.cli import EXIT_INTERRUPTED
-from tools.descriptor import load_descriptor
-from tools.presets import recipe_variables
-from tools.provenance import read_run, stale_reasons
+from tools.artifacts.files import ArtifactError, atomic_write_text, read_json
+from tools.artifacts.folders import missing_ids
+from tools.artifacts.model_card import read_card
+from tools.artifacts.paths import ExperimentPaths
+from tools.artifacts.provenance import read_run, stale_reasons
+from tools.cli.exits import EXIT_INTERRUPTED, CommandFailed
+from tools.cli.presets import recipe_variables
+from tools.cli.repository import REPOSITORY, stage_script
+from tools.data.descriptor import load_descriptor
 
 LOG = logging.getLogger(__name__)
 
-REPOSITORY = Path(__file__).resolve().parents[1]
 RECIPES = REPOSITORY / "data" / "recipes"
 PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "12/50 [00:03<00:09, ...]"
 QUIET_PROGRESS_SECONDS = 30.0  # progress lines when the terminal is not interactive
@@ -59,7 +61,8 @@ class Stage:
     distributed: bool
 
     @property
-    def module(self) -> str:
+    def script(self) -> str:
+        """The stage script's name (``train_caae``) or the entry point's module (``tools.baseline_cams``)."""
         return self.argv[1] if self.argv[0] == "-m" else Path(self.argv[0]).stem
 
     @property
@@ -111,7 +114,7 @@ def load_recipe(name: str) -> dict[str, Any]:
 
 
 def build_stages(recipe: dict[str, Any], data_dir: str) -> list[Stage]:
-    """The recipe's stages with ``{data_dir}``, the presets' ``{VIT_<size>}`` (``tools.presets``) and the
+    """The recipe's stages with ``{data_dir}``, the presets' ``{VIT_<size>}`` (``tools.cli.presets``) and the
     recipe's own variables expanded."""
     variables = {"data_dir": data_dir, **recipe_variables()}
     for name, value in recipe.get("vars", {}).items():
@@ -163,7 +166,7 @@ def printable(argv: list[str], python: str) -> str:
 # ----------------------------------------------------------------------------- status
 def parsed_args(stage: Stage, settings: Settings):
     """The stage script's own ``parse_args`` of its command: the settings its run would record."""
-    return importlib.import_module(stage.module).parse_args([*stage.arguments, *settings.common_flags()])
+    return stage_script(stage.script).parse_args([*stage.arguments, *settings.common_flags()])
 
 
 def plan(stage: Stage, settings: Settings) -> tuple[list[str] | None, str]:
@@ -172,8 +175,7 @@ def plan(stage: Stage, settings: Settings) -> tuple[list[str] | None, str]:
     paths = settings.paths
     if "model" in stage.output:
         tag = stage.output["model"]
-        config = paths.model_config(tag)
-        content = read_json(config, "model description", {})
+        content = read_card(paths.model(tag)) or {}
         if "run" not in content:
             if paths.checkpoint(tag).is_file():
                 return ["--resume"], "continuing an interrupted run"
@@ -275,8 +277,8 @@ def run_logged(argv: list[str], log: Path, label: str) -> None:
     if code != 0:
         lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
         tail = "\n".join(line for line in lines if line.strip())[-4000:].splitlines()[-FAILURE_TAIL_LINES:]
-        raise SystemExit(f"error: stage command failed ({code}): {shlex.join(argv)}\n"
-                         + "\n".join(tail) + f"\nfull log: {log}")
+        raise CommandFailed(f"stage command failed ({code}): {shlex.join(argv)}\n" + "\n".join(tail)
+                            + f"\nfull log: {log}")
 
 
 def read_miou(path: Path) -> float | None:

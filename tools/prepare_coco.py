@@ -41,16 +41,19 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from tools.arguments import StageArgumentParser, positive_int
-from tools.artifacts import PNG_SUFFIX, atomic_write_text, pending_ids, save_png
-from tools.cli import run_main
-from tools.coco import INDEX_FILE, IndexEntry, write_coco_descriptor, write_image_index
-from tools.descriptor import MAX_LABEL_VALUE, DatasetError, check_image_id, read_json_object, voc_palette
-from tools.parallel import default_jobs, parallel_map
+from tools.artifacts.files import atomic_write_text, save_png
+from tools.artifacts.folders import pending_ids
+from tools.artifacts.paths import PNG_SUFFIX
+from tools.cli.arguments import StageArgumentParser, positive_int
+from tools.cli.exits import run_main
+from tools.cli.repository import REPOSITORY
+from tools.data.coco import INDEX_FILE, IndexEntry, write_coco_descriptor, write_image_index
+from tools.data.descriptor import MAX_LABEL_VALUE, DatasetError, check_image_id, read_json_object, voc_palette
+from tools.scoring.parallel import default_jobs, parallel_map
 
 SPLITS = {"train": "train2014", "val": "val2014"}  # list name -> photo folder
 ANNOTATION_FILE = "annotations/instances_{folder}.json"
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "data" / "coco14"
+DEFAULT_OUT = REPOSITORY / "data" / "coco14"
 DESCRIPTOR_FILE = "dataset.json"
 MASK_FOLDER = "SegmentationClass"  # the descriptor's default mask_dir
 BACKGROUND = "background"

@@ -27,15 +27,16 @@ from matplotlib.patches import Patch
 from core.checkpoint import load_weights
 from core.deeplab import DeepLab
 from core.multiscale import multiscale_probabilities
-from tools.arguments import StageArgumentParser
-from tools.artifacts import atomic_write_bytes, atomic_write_text, load_label_png, load_prediction
-from tools.cli import run_main
-from tools.reader import make_reader
-from tools.descriptor import load_descriptor
-from tools.labels import threshold_argmax
-from tools.model_args import load_model_config
+from tools.artifacts.files import atomic_write_bytes, atomic_write_text, load_label_png
+from tools.artifacts.predictions import load_prediction, score_maps
+from tools.cli.arguments import StageArgumentParser
+from tools.cli.exits import run_main
+from tools.cli.model_args import load_model_config
+from tools.data.descriptor import load_descriptor
+from tools.data.readers import make_reader
+from tools.data.transforms import normalize
 from tools.pipeline import Settings, Stage, build_stages, load_recipe, recipe_path, table_rows
-from tools.transforms import normalize
+from tools.scoring.labels import threshold_argmax
 
 NUM_EXAMPLES = 6
 MAX_CAM_COLUMNS = 3
@@ -98,9 +99,10 @@ def example_rows(stages: list[Stage], settings: Settings) -> tuple[list[str], li
             else:
                 row.append(("empty", None))
         if rw_dir is not None and rw_threshold is not None:
-            walk = load_prediction(rw_dir / f"{image_id}.npz", descriptor.num_classes, image_size=size,
-                                   require=("rw",))
-            row.append(("label", walk["keys"][threshold_argmax(walk["rw"], rw_threshold)]))
+            path = rw_dir / f"{image_id}.npz"
+            walk = score_maps(load_prediction(path, descriptor.num_classes, image_size=size), path)
+            background = rw_threshold if walk.background is None else walk.background
+            row.append(("label", walk.keys[threshold_argmax(walk.scores, background)]))
         else:
             row.append(("empty", None))
         label_path = None if label_dir is None else label_dir / f"{image_id}.png"

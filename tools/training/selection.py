@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.losses import cosine_similarity
-from tools.metrics import ConfusionAccumulator
+from tools.scoring.metrics import ConfusionAccumulator
 
 SELECTION_THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)  # 0.01 .. 0.99, the original's 99 values
 CAM_EPSILON = 1e-5

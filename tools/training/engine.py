@@ -1,6 +1,6 @@
 """The training loop every stage shares (CAAE, SemFormer, AffinityNet, DeepLab).
 
-A script supplies the model, its training dataset, the optimiser (``tools.optimizer``) and callables:
+A script supplies the model, its training dataset, the optimiser (``tools.training.optimizer``) and callables:
 
 - ``step_fn(model, batch) -> {"loss": Tensor, <name>: Tensor, ...}``: forward and loss of one
   micro-batch (already on the device), run under autocast; every returned scalar is logged;
@@ -13,8 +13,8 @@ The ``Trainer`` does the rest: DDP under torchrun, the lr schedule, mixed precis
 accumulation, logs, best/last model selection and full checkpoints for ``--resume`` (written every
 epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). Sketch of a script::
 
-    parser = StageArgumentParser()               # tools.arguments: @file.args, cross-flag checks
-    add_dataset_args(parser)                     # tools.cli: --dataset ... --experiments_dir
+    parser = StageArgumentParser()               # tools.cli.arguments: @file.args, cross-flag checks
+    add_dataset_args(parser)                     # tools.cli.stage_data: --dataset ... --experiments_dir
     add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
                     tag="SemFormer@DeiT-S")
     config = TrainConfig.from_args(args := parser.parse_args())
@@ -25,12 +25,10 @@ epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). S
                                     config.optimizer)
         result = Trainer(config, context, model, optimizer, dataset, train_step, evaluate=evaluate,
                          script_args=vars(args)).fit()
-    finish_training(result, config.tag, context.is_main, "python <next stage> ...")   # tools.cli
+    finish_training(result, config.tag, context.is_main, "python <next stage> ...")   # tools.cli.stage_data
 """
 from __future__ import annotations
 
-import argparse
-import json
 import signal
 import sys
 import threading
@@ -47,21 +45,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from tools.arguments import (UsageError, non_negative_float, non_negative_int, parse_bool, positive_float,
-                             positive_int)
-from tools.artifacts import ArtifactError, ExperimentPaths, atomic_path, atomic_write_text, read_json
-from tools.checkpoint import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
-                              restore_rng_state, save_checkpoint)
-from tools.distributed import (DistContext, any_rank, destroy_distributed, gather_to_all, init_distributed,
-                               mean_over_ranks)
-from tools.loader import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
-                          seed_everything)
-from tools.logger import TrainingLogger, format_duration
-from tools.optimizer import OPTIMIZERS, SCHEDULES, build_scheduler
-from tools.precision import AMP_CHOICES, resolve_amp
-from tools.provenance import run_record
+from tools.artifacts.files import ArtifactError
+from tools.artifacts.model_card import mark_finished, write_model
+from tools.artifacts.provenance import run_record
+from tools.cli.arguments import UsageError
+from tools.training.config import TrainConfig
+from tools.training.distributed import (DistContext, any_rank, destroy_distributed, gather_to_all, init_distributed,
+                                        mean_over_ranks)
+from tools.training.logger import TrainingLogger, format_duration
+from tools.training.optimizer import build_scheduler
+from tools.training.precision import resolve_amp
+from tools.training.sampling import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
+                                     seed_everything)
+from tools.training.state import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
+                                  restore_rng_state, save_checkpoint)
 
-SELECT_CHOICES = ("gt", "last")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_FORMAT = 1
 # Settings a resumed run must share with its checkpoint: they fix the sample order and the schedule
@@ -76,129 +74,6 @@ ExportFn = Callable[[nn.Module], Mapping[str, torch.Tensor]]
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclass(frozen=True)
-class TrainConfig:
-    """Engine settings; ``batch_size`` is the global batch (all ranks and accumulation steps together)."""
-
-    tag: str
-    max_epoch: int | None
-    batch_size: int
-    lr: float
-    weight_decay: float
-    momentum: float | None = None
-    nesterov: bool = True
-    accum_steps: int = 1
-    amp: str = "off"
-    num_workers: int = 0
-    seed: int = 0
-    print_ratio: float = 0.1
-    select_by: str = "gt"
-    experiments_dir: str = "experiments"
-    resume: bool = False
-    max_iters: int | None = None
-    optimizer: str = "sgd"
-    eval_every: int = 1
-    overwrite: bool = False
-    schedule: str = "poly"
-    warmup_iters: int = 0
-    clip_grad_norm: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.tag:
-            raise UsageError("--tag must not be empty: it names the model, logs and checkpoint")
-        if (self.max_epoch is None) == (self.max_iters is None):
-            raise UsageError("give exactly one of max_epoch and max_iters")
-        for name in ("max_epoch", "max_iters", "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name} must be >= 1, got {value}")
-        if self.amp not in AMP_CHOICES:
-            raise UsageError(f"--amp must be one of {AMP_CHOICES}, got {self.amp!r}")
-        if self.resume and self.overwrite:
-            raise UsageError("--resume continues the tag's run and --overwrite starts it again: give one")
-        if self.select_by not in SELECT_CHOICES:
-            raise UsageError(f"--select_by must be one of {SELECT_CHOICES}, got {self.select_by!r}")
-        if not 0.0 < self.print_ratio <= 1.0:
-            raise UsageError(f"--print_ratio must be in (0, 1], got {self.print_ratio}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainConfig:
-        """From the flags of ``add_engine_args`` plus ``--experiments_dir`` (``tools.cli.add_dataset_args``)."""
-        return cls(
-            tag=args.tag, max_epoch=getattr(args, "max_epoch", None), batch_size=args.batch_size, lr=args.lr,
-            weight_decay=args.wd, momentum=args.momentum, nesterov=args.nesterov,
-            accum_steps=args.accum_steps, amp=args.amp, num_workers=args.num_workers, seed=args.seed,
-            print_ratio=args.print_ratio, select_by="last" if args.select_by == "last" else "gt",
-            experiments_dir=str(args.experiments_dir), resume=args.resume,
-            max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer, eval_every=args.eval_every,
-            overwrite=args.overwrite, schedule=args.schedule, warmup_iters=args.warmup_iters,
-            clip_grad_norm=args.clip_grad_norm,
-        )
-
-    @property
-    def paths(self) -> ExperimentPaths:
-        return ExperimentPaths(Path(self.experiments_dir))
-
-
-def add_engine_args(
-    parser: argparse.ArgumentParser, *, batch_size: int, lr: float, wd: float, num_workers: int,
-    max_epoch: int | None = None, max_iters: int | None = None, tag: str | None = None, select_by: str = "gt",
-    best_choice: str = "gt", momentum: float | None = None, nesterov: bool = True,
-) -> None:
-    """The shared training flags, with the original's names; each script passes its paper defaults.
-
-    A script trains for ``--max_epoch`` epochs or, if it passes ``max_iters`` instead, for
-    ``--max_iters`` optimiser steps (the last epoch may then be partial). ``momentum=None`` keeps the
-    original's momentum-slot quirk as the default. ``best_choice`` names the ``--select_by`` value
-    that keeps the best-scoring model (``gt`` where the score uses training ground truth, ``val`` for
-    the segmentation stage).
-    ``--experiments_dir`` is not added here: it comes with ``tools.cli.add_dataset_args``.
-    """
-    group = parser.add_argument_group("training engine")
-    group.add_argument("--tag", default=tag, required=tag is None,
-                       help="experiment name: models/<tag>.pth, logs/<tag>.*, tensorboards/<tag>/")
-    group.add_argument("--batch_size", type=positive_int, default=batch_size,
-                       help="global batch over all processes and accumulation steps")
-    if (max_epoch is None) == (max_iters is None):
-        raise ValueError("add_engine_args needs exactly one of max_epoch and max_iters")
-    if max_iters is None:
-        group.add_argument("--max_epoch", type=positive_int, default=max_epoch)
-    else:
-        group.add_argument("--max_iters", type=positive_int, default=max_iters, help="optimiser steps in all")
-    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
-                       help="sgd (the original's) or adamw (which ignores --momentum and --nesterov)")
-    group.add_argument("--schedule", choices=SCHEDULES, default="poly",
-                       help="lr decay over the run: poly (power 0.9, the original), cosine or constant")
-    group.add_argument("--warmup_iters", type=non_negative_int, default=0,
-                       help="linear lr warm-up over this many first iterations (the original: none)")
-    group.add_argument("--clip_grad_norm", type=positive_float, default=None,
-                       help="clip the gradients' global norm to this value (the original: no clipping)")
-    group.add_argument("--lr", type=positive_float, default=lr, help="base lr (x1/2/10/20 per parameter group)")
-    group.add_argument("--wd", type=non_negative_float, default=wd, help="weight decay")
-    group.add_argument("--momentum", type=non_negative_float, default=momentum,
-                       help="SGD momentum" + ("; default: the original's quirk, momentum = --wd (0.9 = the fix)"
-                                              if momentum is None else ""))
-    group.add_argument("--nesterov", type=parse_bool, default=nesterov)
-    group.add_argument("--accum_steps", type=positive_int, default=1,
-                       help="split each global batch into this many micro-batches per process")
-    group.add_argument("--amp", choices=AMP_CHOICES, default="off",
-                       help="mixed precision: off (fp32 with TF32 matmuls on CUDA, as the original), bf16, fp16 "
-                            "(with a gradient scaler) or auto (bf16 on CUDA where supported, off on the CPU)")
-    group.add_argument("--num_workers", type=non_negative_int, default=num_workers)
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--print_ratio", type=float, default=0.1, help="log every this fraction of an epoch")
-    group.add_argument("--eval_every", type=positive_int, default=1,
-                       help="evaluate (and select the model) every N epochs and after the last one")
-    group.add_argument("--select_by", choices=(best_choice, "last"),
-                       default=best_choice if select_by == "gt" else "last",
-                       help=f"{best_choice}: keep the model with the best evaluation score; last: the final epoch's")
-    restart = group.add_mutually_exclusive_group()
-    restart.add_argument("--resume", action="store_true",
-                         help="continue the run from models/<tag>.last.pth (same flags otherwise)")
-    restart.add_argument("--overwrite", action="store_true",
-                         help="train from scratch on a tag that already holds a model or checkpoint, replacing them")
-
-
 # ----------------------------------------------------------------------------- small helpers
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Tensors of a (nested) tuple / list / dict batch moved to ``device``; other items unchanged."""
@@ -297,7 +172,7 @@ class Trainer:
     ``logger`` lets a script keep a handle for ``add_image`` in its ``evaluate``;
     ``script_args`` (e.g. ``vars(args)``) is stored in the checkpoint for the record; ``model_config``
     (``{"kind", "num_classes", ...}``, what the next stage rebuilds the model from) goes to
-    ``models/<tag>.json`` with the provenance of the run (``tools.provenance``: the script, its
+    ``models/<tag>.json`` with the provenance of the run (``tools.artifacts.provenance``: the script, its
     arguments, ``inputs``, versions, git commit), written together with every saved model;
     ``find_unused_parameters`` is passed to DDP (needed when trainable parameters get no gradient,
     e.g. CAAE's ``dist_token``).
@@ -492,21 +367,18 @@ class Trainer:
             self.logger.info(f"saved model of epoch {self.epoch} to {self.paths.model(self.config.tag)}")
 
     def _save_model(self) -> None:
-        """The exported weights and ``<tag>.json``: both written to temporary files, then renamed."""
+        """The exported weights and the model card (``"finished": false`` until the run ends), written together."""
         path = self.paths.model(self.config.tag)
         if self.model_config is None:
             save_checkpoint(self.export_state(self.module), path)
             return
-        with atomic_path(path) as weights, atomic_path(self.paths.model_config(self.config.tag)) as description:
-            torch.save(dict(self.export_state(self.module)), weights)
-            description.write_text(json.dumps({**self.model_config, "finished": False}, indent=2) + "\n")
+        write_model(path, {**self.model_config, "finished": False},
+                    lambda weights: torch.save(dict(self.export_state(self.module)), weights))
 
     def _mark_finished(self) -> None:
-        """``"finished": true`` in ``<tag>.json`` once the last iteration is done (the weights stay)."""
-        path = self.paths.model_config(self.config.tag)
-        if self.model_config is not None and path.is_file():
-            content = read_json(path, "model description")
-            atomic_write_text(path, json.dumps({**content, "finished": True}, indent=2) + "\n")
+        """``"finished": true`` in the model card once the last iteration is done (the weights stay)."""
+        if self.model_config is not None:
+            mark_finished(self.paths.model(self.config.tag))
 
     def _refuse_finished_tag(self) -> None:
         """A fresh run never replaces a tag's model or checkpoint unless ``--overwrite``."""

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tools.artifacts import ArtifactError, atomic_path
+from tools.artifacts.files import ArtifactError, atomic_path
 
 PLAIN_TYPES = (bool, int, float, str, type(None))
 

@@ -8,12 +8,12 @@ timm's (``depth``, ``embed_dim``, ``num_heads``, ``patch_size``).
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-from tools.artifacts import read_json
+from tools.artifacts.files import read_json
+from tools.cli.repository import REPOSITORY
 
-PRESETS_FILE = Path(__file__).resolve().parents[1] / "data" / "presets.json"
+PRESETS_FILE = REPOSITORY / "data" / "presets.json"
 SIZES = ("tiny", "demo", "paper")
 MODELS = ("semformer", "caae")
 

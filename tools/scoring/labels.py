@@ -7,13 +7,13 @@ background 0 first.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from pathlib import Path
 
+import numpy as np
+
 from core.conventions import IGNORE_INDEX
-from tools.artifacts import save_png
-from tools.crf import CRFSetting, crf_inference, crf_inference_label
+from tools.artifacts.files import save_png
+from tools.scoring.crf import CRFSetting, crf_inference, crf_inference_label
 
 AFFINITY_CRF_ITERATIONS = 10
 UNCERTAIN = IGNORE_INDEX  # affinity labels: the pair is not trained on

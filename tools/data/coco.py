@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from tools.artifacts import atomic_write_text
-from tools.descriptor import COCO_LAYOUT, DatasetDescriptor, DatasetError, check_image_id, read_json_object
-from tools.reader import VOCReader
+from tools.artifacts.files import atomic_write_text
+from tools.data.descriptor import COCO_LAYOUT, DatasetDescriptor, DatasetError, check_image_id, read_json_object
+from tools.data.voc import VOCReader
 
 INDEX_FILE = "image_labels.json"
 
@@ -37,7 +37,6 @@ class COCOReader(VOCReader):
     COCO has no SBD-style second mask set, so ``aug`` masks are the ``SegmentationClass`` ones.
     """
 
-    LAYOUT = COCO_LAYOUT
 
     def __init__(self, descriptor: DatasetDescriptor, data_dir: str | Path | None = None) -> None:
         super().__init__(descriptor, data_dir)

@@ -4,7 +4,7 @@ A descriptor is a small JSON file (``data/voc12/dataset.json``, the one the synt
 writes next to its images, or the one ``tools.prepare_coco`` writes for MS COCO). Every stage reads
 class counts, names, the palette and the list files from it, so nothing in the code base hard-codes
 VOC's 21 classes. ``layout`` is ``"voc"`` (default: ``JPEGImages/``, ``Annotations/`` XML) or
-``"coco"`` (photo files and image-level labels from the JSON ``index_file``, see ``tools.coco``).
+``"coco"`` (photo files and image-level labels from the JSON ``index_file``, see ``tools.data.coco``).
 """
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from core.conventions import IGNORE_INDEX
+from tools.artifacts.files import atomic_write_text
+from tools.cli.repository import REPOSITORY
 
-DEFAULT_DESCRIPTOR = Path(__file__).resolve().parent.parent / "data" / "voc12" / "dataset.json"
+DEFAULT_DESCRIPTOR = REPOSITORY / "data" / "voc12" / "dataset.json"
 MAX_LABEL_VALUE = 255  # label maps are uint8 PNGs
 FOLDER_KEYS = ("image_dir", "annotation_dir", "mask_dir", "aug_mask_dir")
 VOC_LAYOUT = "voc"
-COCO_LAYOUT = "coco"  # photos and labels from an index file (tools.coco), masks in mask_dir
+COCO_LAYOUT = "coco"  # photos and labels from an index file (tools.data.coco), masks in mask_dir
 LAYOUTS = (VOC_LAYOUT, COCO_LAYOUT)
 
 
@@ -211,8 +213,6 @@ def write_descriptor(
     ignore_index: int = IGNORE_INDEX,
 ) -> None:
     """Write a descriptor JSON (used by the synthetic generator)."""
-    from tools.artifacts import atomic_write_text
-
     content = {
         "name": name,
         "class_names": list(class_names),

@@ -1,22 +1,21 @@
-"""Architecture flags of the ViT models, and the small JSON that travels with each saved model.
+"""Architecture flags of the ViT models, and the keyword arguments a later stage rebuilds a model from.
 
-Training scripts write ``experiments/models/<tag>.json`` next to ``<tag>.pth`` with the keyword
-arguments that rebuild the model, so later stages (CAM inference, SemFormer's frozen CAAE) need no
-repeated architecture flags. A model without that file (for example one imported with
-``tools.import_original``) is rebuilt from the flags, whose defaults are the paper's.
+Training scripts record the keyword arguments that rebuild their model on its card
+(``tools.artifacts.model_card``, ``experiments/models/<tag>.json``), so later stages (CAM inference,
+SemFormer's frozen CAAE) need no repeated architecture flags. A model without a card is rebuilt from the
+flags, whose defaults are the paper's.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from core.backbone import CAAE_BACKBONE, SEMFORMER_BACKBONE
-from tools.arguments import given_flags, positive_int
-from tools.artifacts import ArtifactError, atomic_write_text, read_json
+from tools.artifacts.files import ArtifactError
+from tools.artifacts.model_card import card_path, model_config, read_card
+from tools.cli.arguments import given_flags, positive_int
 
 VIT_OVERRIDES = ("depth", "embed_dim", "num_heads", "patch_size")
-DESCRIPTION_KEYS = ("num_classes", "run", "finished")  # in <tag>.json beside the model's keyword arguments
 # Config key -> the architecture flag that sets it (a prefix such as ae_ goes in front, but not for SHARED_FLAGS).
 CONFIG_FLAGS = {
     "backbone_name": "backbone", "image_size": "image_size", "class_dim": "class_dim", "seg_dropout": "seg_dropout",
@@ -85,40 +84,21 @@ def caae_config(args: argparse.Namespace, prefix: str = "") -> dict:
     return config
 
 
-def config_path(model_path: Path) -> Path:
-    return model_path.with_suffix(".json")
-
-
-def describe_model(kind: str, num_classes: int, config: dict) -> dict:
-    """The content of ``<tag>.json``: what the next stage rebuilds the model from (the training
-    engine adds the run's provenance under ``run``)."""
-    return {"kind": kind, "num_classes": num_classes, **config}
-
-
-def save_model_config(model_path: Path, kind: str, num_classes: int, config: dict) -> None:
-    """Write ``<tag>.json`` beside weights saved outside the training engine."""
-    atomic_write_text(config_path(model_path), json.dumps(describe_model(kind, num_classes, config), indent=2) + "\n")
-
-
 def load_model_config(model_path: Path, kind: str, fallback: dict, args: argparse.Namespace | None = None,
                       prefix: str = "", flags: dict[str, str] | None = None) -> dict:
-    """The saved keyword arguments of a model, or ``fallback`` (the flags) if none were saved.
+    """The keyword arguments on a model's card, or ``fallback`` (the flags) if it has no card.
 
-    With ``args``, an architecture flag given on the command line that disagrees with the saved
-    config is an error naming both values (``flags``: config key -> flag name without ``prefix``;
-    default ``CONFIG_FLAGS``), instead of being silently overridden.
+    With ``args``, an architecture flag given on the command line that disagrees with the card is an
+    error naming both values (``flags``: config key -> flag name without ``prefix``; default
+    ``CONFIG_FLAGS``), instead of being silently overridden.
     """
-    path = config_path(model_path)
-    content = read_json(path, "model description")
-    if content is None:
+    card = read_card(model_path)
+    if card is None:
         return dict(fallback)
-    found = content.pop("kind", kind)
-    if found != kind:
-        raise ArtifactError(f"{path}: describes a '{found}' model, expected '{kind}'")
-    for key in DESCRIPTION_KEYS:
-        content.pop(key, None)
+    content = model_config(card, kind, model_path)
     if args is not None:
-        _check_given_flags(path, content, fallback, args, prefix, CONFIG_FLAGS if flags is None else flags)
+        _check_given_flags(card_path(model_path), content, fallback, args, prefix,
+                           CONFIG_FLAGS if flags is None else flags)
     return content
 
 

@@ -12,10 +12,10 @@ content depends only on its image, so ``train`` and ``train_aug`` runs share a f
 """
 from __future__ import annotations
 
-import logging
 import argparse
 import hashlib
 import json
+import logging
 import platform
 import subprocess
 import time
@@ -23,13 +23,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from tools.artifacts import ArtifactError, atomic_write_text, read_json
+from tools.artifacts.files import ArtifactError, atomic_write_text, read_json
+from tools.artifacts.model_card import card_path, is_unfinished, run_provenance
+from tools.cli.repository import REPOSITORY
 
 LOG = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
-REPOSITORY = Path(__file__).resolve().parents[1]
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "pydensecrf2")
 # Flags that choose which ids, where, how fast or how often to log, never what a file holds.
 EXECUTION_FLAGS = frozenset({
@@ -122,21 +123,16 @@ def folder_input(folder: Path, command: str, allow_unknown: bool = False) -> dic
 
 
 def model_input(model_path: Path) -> dict[str, Any]:
-    """An input model and the provenance in its ``<tag>.json`` (None for imported weights without one).
+    """An input model and the provenance on its card (None for imported weights without a recorded run).
 
     A model whose training run has not finished (killed, or still running) is refused: it is an
     intermediate epoch's, and the next stage would silently build on it.
     """
-    config = Path(model_path).with_suffix(".json")
-    if read_json(config, "model description", {}).get("finished") is False:
-        raise ArtifactError(f"{config}: the training run of {Path(model_path).stem} has not finished (the model is "
-                            "an intermediate epoch's); continue it with the training command plus --resume")
-    return {"path": str(model_path), "provenance": _model_provenance(Path(model_path))}
-
-
-def _model_provenance(model_path: Path) -> str | None:
-    run = read_json(model_path.with_suffix(".json"), "model description", {}).get("run")
-    return run.get("provenance") if isinstance(run, dict) else None
+    if is_unfinished(model_path):
+        raise ArtifactError(f"{card_path(model_path)}: the training run of {Path(model_path).stem} has not finished "
+                            "(the model is an intermediate epoch's); continue it with the training command plus "
+                            "--resume")
+    return {"path": str(model_path), "provenance": run_provenance(model_path)}
 
 
 def external_input(path: Path) -> dict[str, Any]:
@@ -148,7 +144,7 @@ def current_provenance(path: str | Path) -> str | None:
     """The provenance an input artifact has now: a folder's ``run.json`` or a model's ``<tag>.json``."""
     path = Path(path)
     if path.suffix == ".pth":
-        return _model_provenance(path)
+        return run_provenance(path)
     run = read_run(path) if path.is_dir() else None
     return None if run is None else run["provenance"]
 

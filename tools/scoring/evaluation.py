@@ -4,7 +4,7 @@ Per image and threshold (``npy`` / ``rw`` modes): a constant plane equal to the 
 in front of the class maps as channel 0 and the argmax taken (ties go to the lower index, so a
 score equal to the threshold is background); then either the label CRF (``crf_iteration > 0``)
 or the 7x7 erosion post-process runs on the local indices, and ``keys[index]`` gives the classes.
-Without the CRF the whole sweep is counted in one pass (``tools.sweep``: each pixel's "survival
+Without the CRF the whole sweep is counted in one pass (``tools.scoring.sweep``: each pixel's "survival
 score" decides its label at every threshold), with results equal to the per-threshold path. Every
 prediction file is read once, by parallel worker processes, each returning a ``(T, C, C + 1)``
 confusion stack.
@@ -23,25 +23,20 @@ import numpy as np
 from PIL import Image
 
 from core.conventions import IGNORE_INDEX
-from tools.artifacts import (
-    LEGACY_SUFFIX,
-    PNG_SUFFIX,
-    ArtifactError,
-    atomic_write_bytes,
-    atomic_write_text,
-    load_label_png,
-    load_prediction,
-    prediction_file,
-)
-from tools.crf import crf_inference_label
-from tools.descriptor import DatasetError, load_descriptor
-from tools.labels import threshold_argmax
-from tools.metrics import ConfusionAccumulator, SegmentationScores, confusion_stack, erode_labels
-from tools.parallel import parallel_map
-from tools.reader import VOCReader, make_reader
-from tools.sweep import sweep_confusions
+from tools.artifacts.files import ArtifactError, atomic_write_bytes, atomic_write_text, load_label_png
+from tools.artifacts.paths import LEGACY_SUFFIX, PNG_SUFFIX, prediction_file
+from tools.artifacts.predictions import REFINED, ScoreMaps, load_prediction, score_maps
+from tools.data.descriptor import DatasetError, load_descriptor
+from tools.data.readers import make_reader
+from tools.data.voc import VOCReader
+from tools.scoring.crf import crf_inference_label
+from tools.scoring.labels import threshold_argmax
+from tools.scoring.metrics import ConfusionAccumulator, SegmentationScores, confusion_stack, erode_labels
+from tools.scoring.parallel import parallel_map
+from tools.scoring.sweep import sweep_confusions
 
 MODES = ("npy", "png", "rw")
+SWEEP = (0.10, 0.40, 0.01)  # min, max (inclusive), step: the original's 31 background thresholds
 POST_PROCESSES = ("erode", "none")
 THRESHOLD_DECIMALS = 10  # sweep values are rounded so that 0.1 + 15 * 0.01 is exactly 0.25
 
@@ -145,17 +140,10 @@ def threshold_labels(scores: np.ndarray, thresholds: tuple[float, ...]) -> np.nd
     return np.where(best_score[None] > levels, best_index[None], 0).astype(np.int64)
 
 
-def _prediction_maps(config: EvaluationConfig, path: Path, image_size: tuple[int, int]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``keys (n+1,)``, class maps ``(n, H, W)`` and the propagated background ``(H, W)`` if any."""
+def _prediction_maps(config: EvaluationConfig, path: Path, image_size: tuple[int, int]) -> ScoreMaps:
+    """The file's score maps (``tools.artifacts.predictions.score_maps``; ``rw`` mode insists on the walk's)."""
     content = load_prediction(path, config.num_classes, allow_pickle=config.allow_pickle, image_size=image_size)
-    name = "hr_cam" if config.mode == "npy" and "hr_cam" in content else "rw"
-    if name not in content:
-        raise ArtifactError(f"{path}: no '{name}' array (has {sorted(content)})")
-    keys = np.asarray(content["keys"]).astype(np.int64)
-    maps = np.asarray(content[name])
-    background = content.get("rw_bg") if name == "rw" else None
-    return keys, maps, background
+    return score_maps(content, path, REFINED if config.mode == "rw" else None)
 
 
 def predict_labels(config: EvaluationConfig, image_id: str, keys: np.ndarray, maps: np.ndarray,
@@ -184,7 +172,7 @@ def predict_labels(config: EvaluationConfig, image_id: str, keys: np.ndarray, ma
 def score_image(config: EvaluationConfig, image_id: str) -> np.ndarray:
     """Confusion stack ``(T, C, C + 1)`` of one image (the worker function).
 
-    A threshold sweep without CRF is counted by ``tools.sweep`` in one pass for all thresholds (equal
+    A threshold sweep without CRF is counted by ``tools.scoring.sweep`` in one pass for all thresholds (equal
     to the per-threshold computation of ``predict_labels``, which a CRF or a propagated background
     needs).
     """
@@ -196,7 +184,9 @@ def score_image(config: EvaluationConfig, image_id: str) -> np.ndarray:
                                 f"differs from the GT mask {config.gt_path(image_id)} {gt.shape}")
         return _confusions(confusion_stack, config, image_id, gt, predictions, config.num_classes,
                            config.ignore_index)
-    keys, maps, background = _prediction_maps(config, config.prediction_path(image_id), gt.shape)
+    maps = _prediction_maps(config, config.prediction_path(image_id), gt.shape)
+    keys, background = maps.keys, maps.background
+    maps = maps.scores
     if config.crf_iteration == 0 and background is None:
         return _confusions(sweep_confusions, config, image_id, gt, maps, keys, config.thresholds,
                            config.num_classes, config.ignore_index, config.post_process == "erode")

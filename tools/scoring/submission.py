@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tools.artifacts import PNG_SUFFIX, ArtifactError, atomic_path, atomic_write_bytes
-from tools.reader import VOCReader
+from tools.artifacts.files import ArtifactError, atomic_path, atomic_write_bytes
+from tools.artifacts.paths import PNG_SUFFIX
+from tools.data.voc import VOCReader
 
 COMPETITION = "comp6"
 RESULTS_ROOT = Path("results") / "VOC2012" / "Segmentation"

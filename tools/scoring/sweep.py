@@ -19,7 +19,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from tools.metrics import EROSION_KERNEL
+from tools.scoring.metrics import EROSION_KERNEL
 
 # A replicated border makes the 7x7 min / max filters run over the window clipped at the image
 # border, which is what erode_labels' default border (255 outside a 0/1 mask) does. cv2's default

@@ -17,7 +17,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from tools.artifacts import ExperimentPaths, atomic_write_text
+from tools.artifacts.files import atomic_write_text
+from tools.artifacts.paths import ExperimentPaths
 
 TRAIN, VALIDATION = "train", "validation"
 

@@ -3,7 +3,7 @@
 ``VOCReader`` works for PASCAL VOC 2012 (+ SBD's ``SegmentationClassAug``) and for the synthetic
 dataset of ``tools.synthetic``: both use ``<root>/JPEGImages/<id>.jpg``, ``Annotations/<id>.xml``
 and palette PNG masks with 255 = ignore. Class names come from the dataset descriptor;
-``make_reader`` picks the reader of the descriptor's layout.
+``tools.data.readers.make_reader`` picks the reader of the descriptor's layout.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tools.artifacts import load_label_png
-from tools.descriptor import DatasetDescriptor, DatasetError
+from tools.artifacts.files import load_label_png
+from tools.data.descriptor import DatasetDescriptor, DatasetError
 
 
 class VOCReader:
@@ -144,13 +144,3 @@ def _coordinate(box: ElementTree.Element, key: str, path: Path) -> int:
 
 def _clamp(value: int, upper: int) -> int:
     return min(max(value, 0), upper)
-
-
-def make_reader(descriptor: DatasetDescriptor, data_dir: str | Path | None = None) -> VOCReader:
-    """The reader of the descriptor's layout and dataset root (``data_dir`` overrides the descriptor's):
-    ``tools.coco.COCOReader`` for ``"layout": "coco"``, else ``VOCReader``."""
-    from tools.coco import COCOReader  # tools.coco builds on this module's VOCReader
-
-    if descriptor.layout == COCOReader.LAYOUT:
-        return COCOReader(descriptor, data_dir)
-    return VOCReader(descriptor, data_dir)

@@ -1,4 +1,4 @@
-"""The datasets each stage trains or infers on, over a reader of ``tools.reader``."""
+"""The datasets each stage trains or infers on, over a reader of ``tools.data.voc``."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tools.descriptor import DatasetError
-from tools.reader import VOCReader, read_mask_png
-from tools.transforms import cam_inputs
+from tools.data.descriptor import DatasetError
+from tools.data.transforms import cam_inputs
+from tools.data.voc import VOCReader, read_mask_png
 
 
 class ClassificationDataset(Dataset):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from tools.arguments import UsageError
+from tools.cli.arguments import UsageError
 
 NUMPY_SEED_MODULUS = 2**32
 

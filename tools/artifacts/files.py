@@ -1,0 +1,111 @@
+"""Atomic artifact I/O: every write goes to a temporary file in the same folder and is renamed into
+place, so a killed run never leaves a truncated file that a rerun would mistake for a finished one.
+Also the readers of the small files every stage shares (JSON records, label PNGs)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+FILE_MODE = 0o666  # before the umask, as open() creates files
+
+
+class ArtifactError(ValueError):
+    """A missing, incomplete or unreadable artifact: the message names the file."""
+
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(temporary)
+    os.chmod(temporary, FILE_MODE & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Write an uncompressed ``.npz`` atomically (no pickled objects inside)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.asarray(value) for name, value in arrays.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_png(path: str | Path, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Write a ``(H, W)`` uint8 label map as PNG: palette mode ``P`` if a palette is given, else ``L``."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"{path}: a label PNG needs a (H, W) array, got shape {label.shape}")
+    image = Image.fromarray(label.astype(np.uint8), mode="P" if palette is not None else "L")
+    if palette is not None:
+        image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_json(path: str | Path, what: str, default: Any = None) -> Any:
+    """A JSON file's content (``default`` if the file does not exist); a damaged or non-object file is an
+    ``ArtifactError`` naming it and ``what`` it should hold."""
+    path = Path(path)
+    if not path.is_file():
+        return default
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ArtifactError(f"{path}: unreadable {what} ({error}); delete or repair it") from error
+    if not isinstance(content, dict):
+        raise ArtifactError(f"{path}: the {what} must be a JSON object, found a JSON {type(content).__name__}")
+    return content
+
+
+
+def load_label_png(path: str | Path, error: type[Exception] = ArtifactError, what: str = "label PNG") -> np.ndarray:
+    """A palette or grayscale PNG as ``(H, W)`` uint8 indices (never converted through RGB).
+
+    Problems raise ``error`` with a message naming the file and ``what`` it should have been.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} not found")
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("P", "L"):
+                raise error(f"{path}: {what} must be a palette or grayscale PNG, got mode {image.mode}")
+            return np.array(image, dtype=np.uint8)
+    except error:
+        raise
+    except Exception as problem:
+        raise error(f"{path}: unreadable {what} ({problem})") from problem
+
+

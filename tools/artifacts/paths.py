@@ -1,0 +1,87 @@
+"""Where artifacts live and what their folders are called.
+
+Layout (``root`` defaults to ``experiments/``)::
+
+    models/<tag>.pth                 weights, the next stage's input
+    models/<tag>.json                the model card (``tools.artifacts.model_card``)
+    models/<tag>.last.pth            full training checkpoint for --resume
+    logs/<tag>.txt, logs/<tag>.json  text and JSON logs
+    tensorboards/<tag>/              TensorBoard events
+    predictions/<experiment name>/   one file per image id (.npz CAMs / random walk, .png labels)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.artifacts.model_card import card_path
+
+CAM_SUFFIX = ".npz"
+LEGACY_SUFFIX = ".npy"
+PNG_SUFFIX = ".png"
+
+
+# ----------------------------------------------------------------------------- naming
+def domain_tag(domain: str) -> str:
+    """The original tags every domain containing 'train' (train, train_aug) as ``train``, else ``val``."""
+    return "train" if "train" in domain else "val"
+
+
+def format_scales(scales: list[float] | tuple[float, ...]) -> str:
+    """``[0.5, 1.0]`` -> ``'0.5,1.0'`` as in the original's folder names."""
+    return ",".join(str(float(scale)) for scale in scales)
+
+
+def cam_experiment_name(tag: str, domain: str, scales: list[float] | tuple[float, ...]) -> str:
+    return f"{tag}@{domain_tag(domain)}@scale={format_scales(scales)}"
+
+
+def affinity_label_name(cam_experiment: str, fg_threshold: float, bg_threshold: float) -> str:
+    return f"{cam_experiment}@aff_fg={fg_threshold:.2f}_bg={bg_threshold:.2f}"
+
+
+def random_walk_name(model_name: str, domain: str, beta: int, exp_times: int) -> str:
+    return f"{model_name}@{domain_tag(domain)}@beta={beta}@exp_times={exp_times}@rw"
+
+
+def pseudo_label_name(experiment_name: str, crf_iteration: int) -> str:
+    return f"{experiment_name}@crf={crf_iteration}"
+
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where a stage reads and writes its artifacts."""
+
+    root: Path = Path("experiments")
+
+    def model(self, tag: str) -> Path:
+        return self.root / "models" / f"{tag}.pth"
+
+    def model_card(self, tag: str) -> Path:
+        """The model's card (architecture and provenance), written together with ``model(tag)``."""
+        return card_path(self.model(tag))
+
+    def checkpoint(self, tag: str) -> Path:
+        return self.root / "models" / f"{tag}.last.pth"
+
+    def text_log(self, tag: str) -> Path:
+        return self.root / "logs" / f"{tag}.txt"
+
+    def json_log(self, tag: str) -> Path:
+        return self.root / "logs" / f"{tag}.json"
+
+    def tensorboard(self, tag: str) -> Path:
+        return self.root / "tensorboards" / tag
+
+    def predictions(self, experiment_name: str) -> Path:
+        return self.root / "predictions" / experiment_name
+
+
+def prediction_file(directory: str | Path, image_id: str) -> Path:
+    """The CAM / random-walk file of an id: ``<id>.npz``, or a legacy ``<id>.npy`` if only that exists."""
+    directory = Path(directory)
+    native = directory / f"{image_id}{CAM_SUFFIX}"
+    legacy = directory / f"{image_id}{LEGACY_SUFFIX}"
+    return legacy if not native.exists() and legacy.exists() else native
+

@@ -1,0 +1,101 @@
+"""The data flags every stage shares (dataset, list, experiment folders, output policy) and what they open."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tools.artifacts.paths import ExperimentPaths
+from tools.cli.arguments import UsageError, positive_int
+from tools.data.descriptor import DEFAULT_DESCRIPTOR, DatasetDescriptor, load_descriptor, read_id_list
+from tools.data.readers import make_reader
+from tools.data.voc import VOCReader
+from tools.scoring.parallel import default_jobs
+
+
+def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> None:
+    """``--dataset`` (descriptor JSON), ``--data_dir``, ``--domain``, ``--list``, ``--experiments_dir``."""
+    group = parser.add_argument_group("dataset")
+    group.add_argument("--dataset", default=str(DEFAULT_DESCRIPTOR),
+                       help="dataset descriptor JSON (class names, palette, list files)")
+    group.add_argument("--data_dir", default=None,
+                       help="dataset root with JPEGImages/, Annotations/, SegmentationClass/ "
+                            "(default: the descriptor's data_dir)")
+    group.add_argument("--domain", default=domain, help="list of the descriptor: train, train_aug, val, ...")
+    group.add_argument("--list", default=None, help="a list file of ids to use instead of the domain's")
+    group.add_argument("--experiments_dir", default="experiments",
+                       help="root of models/, logs/, tensorboards/, predictions/")
+
+
+def add_output_args(parser: argparse.ArgumentParser, reads_predictions: bool = True) -> None:
+    """``--overwrite`` (finished files are skipped otherwise) and ``--allow_pickle`` (legacy ``.npy`` inputs)."""
+    parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
+    if reads_predictions:
+        parser.add_argument("--allow_pickle", action="store_true",
+                            help="read the original repository's pickled .npy files (only files you trust)")
+
+
+def add_jobs_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--n_jobs", type=positive_int, default=default_jobs(),
+                        help="worker processes (default: all cores)")
+
+
+@dataclass(frozen=True)
+class StageData:
+    """What a stage script needs to know about its data."""
+
+    descriptor: DatasetDescriptor
+    reader: VOCReader
+    ids: list[str]
+    paths: ExperimentPaths
+
+
+def open_stage_data(args: argparse.Namespace) -> StageData:
+    """Descriptor, reader and id list from the ``add_dataset_args`` flags."""
+    descriptor = load_descriptor(args.dataset)
+    reader = make_reader(descriptor, args.data_dir)
+    ids = read_id_list(args.list) if args.list else descriptor.read_ids(args.domain)
+    return StageData(descriptor, reader, ids, ExperimentPaths(Path(args.experiments_dir)))
+
+
+def shard(ids: list[str], start: float, end: float) -> list[str]:
+    """The ``[start, end)`` fraction of an id list, as the original's ``--start/--end``."""
+    if not 0.0 <= start < end <= 1.0:
+        raise UsageError(f"--start/--end must satisfy 0 <= start < end <= 1, got {start}, {end}")
+    return ids[int(len(ids) * start): int(len(ids) * end)]
+
+
+def dataset_flags(args: argparse.Namespace) -> str:
+    """The dataset flags to repeat in a printed next-stage command."""
+    flags = f"--dataset {args.dataset}"
+    if args.data_dir:
+        flags += f" --data_dir {args.data_dir}"
+    if args.list:
+        flags += f" --list {args.list}"
+    if args.experiments_dir != "experiments":
+        flags += f" --experiments_dir {args.experiments_dir}"
+    return flags
+
+
+
+def evaluation_domain(descriptor: DatasetDescriptor, args: argparse.Namespace) -> str:
+    """The domain a printed ``evaluate.py`` command should score: ``train`` for ``train_aug``, whose
+    extra SBD images have no mask in VOC's ``SegmentationClass``."""
+    if args.domain == "train_aug" and "train" in descriptor.lists and not args.list:
+        return "train"
+    return args.domain
+
+
+
+def process_rank() -> int:
+    """This process's ``torchrun`` rank (0 without torchrun)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def rank_shard(ids: list[str]) -> list[str]:
+    """This process's share of an id list under ``torchrun`` (every WORLD_SIZE-th id), else all ids.
+
+    Inference needs no process group: each rank writes its own files.
+    """
+    return ids[process_rank()::int(os.environ.get("WORLD_SIZE", 1))]

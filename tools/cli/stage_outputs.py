@@ -1,0 +1,81 @@
+"""One setup path for every stage that reads artifacts and writes a prediction folder.
+
+Inference stages (CAMs, random walk, segmentation maps) and label stages (affinity labels, pseudo
+labels) all start the same way: their input folders are complete for the list and recorded with their
+provenance (or refused, naming the command that makes them), their input models are finished runs,
+the output folder is claimed for these settings (``tools.artifacts.provenance.claim_output_folder``:
+reused when made the same way, refused or replaced otherwise), and the ids still to do are listed.
+A new inference or refinement script is its model code plus ``open_stage_output`` and a loop; a label
+script is ``run_label_jobs`` with its per-image function.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tools.artifacts.folders import pending_ids, require_complete
+from tools.artifacts.paths import PNG_SUFFIX
+from tools.artifacts.provenance import claim_output_folder, folder_input, model_input, run_record
+from tools.cli.stage_data import StageData, process_rank
+from tools.scoring.parallel import parallel_map
+
+
+@dataclass(frozen=True)
+class FolderInput:
+    """A prediction folder a stage reads: one ``<id><suffix>`` per id of the list, made by ``command``."""
+
+    path: Path
+    suffix: str
+    command: str
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """A trained model a stage reads (``models/<tag>.pth``); its training run must have finished."""
+
+    path: Path
+
+
+StageInput = FolderInput | ModelInput
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """The claimed output folder and the ids of this run still to make there."""
+
+    folder: Path
+    todo: list[str]
+
+
+def record_inputs(inputs: dict[str, StageInput], ids: list[str], allow_pickle: bool = False) -> dict[str, dict]:
+    """Each input checked (folders complete for ``ids``, models finished) and recorded with its provenance."""
+    recorded: dict[str, dict[str, Any]] = {}
+    for name, source in inputs.items():
+        if isinstance(source, FolderInput):
+            require_complete(source.path, ids, source.suffix, source.command)
+            recorded[name] = folder_input(source.path, source.command, allow_pickle)
+        else:
+            recorded[name] = model_input(source.path)
+    return recorded
+
+
+def open_stage_output(args: argparse.Namespace, data: StageData, script: str, inputs: dict[str, StageInput],
+                      name: str, suffix: str, ids: list[str], what: str) -> StageOutput:
+    """Inputs checked and recorded, ``predictions/<name>`` claimed for ``script`` run with ``args``, and the
+    ids of ``ids`` whose ``<id><suffix>`` is still to make (all of them with ``--overwrite``)."""
+    recorded = record_inputs(inputs, data.ids, getattr(args, "allow_pickle", False))
+    folder = data.paths.predictions(name)
+    claim_output_folder(folder, run_record(script, args, recorded), suffix, args.overwrite, process_rank())
+    return StageOutput(folder, pending_ids(folder, ids, suffix, args.overwrite, what))
+
+
+def run_label_jobs(args: argparse.Namespace, data: StageData, script: str, inputs: dict[str, StageInput],
+                   name: str, make_one: Callable[[str], None], what: str) -> Path:
+    """A label stage: ``open_stage_output`` for PNG labels of every id, then ``make_one(image_id)`` for each
+    label still missing, on ``--n_jobs`` processes. Returns the output folder."""
+    output = open_stage_output(args, data, script, inputs, name, PNG_SUFFIX, data.ids, what)
+    for _ in parallel_map(make_one, output.todo, args.n_jobs, what):
+        pass
+    return output.folder
