@@ -62,6 +62,7 @@ DESCRIPTOR_LISTS = {name: f"{name}.txt" for name in ("train", "val", AUG_LIST)}
 DESCRIPTOR_FILE, REPORT_FILE, DOWNLOAD_FOLDER = "dataset.json", "prepare_voc.json", "downloads"
 DATASET_NAME = "voc12"
 SHOWN_IDS = 3  # ids named in a list comparison
+REFERENCE_LISTS = DEFAULT_DESCRIPTOR.parent  # data/voc12: the lists of the real downloads
 PUBLISHED_NAMES = {"--voc": "VOCtrainval_11-May-2012.tar", "--sbd": "benchmark.tgz"}  # torchvision's too
 
 
@@ -125,6 +126,7 @@ class Writer:
         return self.overwrite or not all(path.exists() for path in paths)
 
     def voc_member(self, member: Member) -> None:
+        """A photo or XML copied; a mask checked, copied and written to the augmented set."""
         if member.folder in (PHOTOS, XMLS):
             path = self.out_dir / member.folder / member.file_name
             if self._to_write(path):
@@ -204,7 +206,7 @@ def compare_with_reference(name: str, ids: list[str], reference: Path, expected:
 
 
 def prepare(voc_path: Path, sbd_path: Path, out_dir: Path, workers: int,
-            reference_dir: Path = DEFAULT_DESCRIPTOR.parent, overwrite: bool = False) -> Path:
+            reference_dir: Path = REFERENCE_LISTS, overwrite: bool = False) -> Path:
     """Read both inputs, writing photos, XMLs and masks as they come, then check and write the lists, the
     report and the descriptor; returns the descriptor's path."""
     class_names = load_descriptor(DEFAULT_DESCRIPTOR).class_names  # VOC's 21, named once in data/voc12/
@@ -285,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=positive_int, default=default_jobs(),
                         help="processes writing masks (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="rewrite files that exist")
-    parser.add_argument("--reference_lists", type=Path, default=DEFAULT_DESCRIPTOR.parent,
+    parser.add_argument("--reference_lists", type=Path, default=REFERENCE_LISTS,
                         help="folder of the train, val and train_aug lists to compare with (default: data/voc12)")
     parser.add_check(_inputs_given)
     return parser.parse_args(argv)
