@@ -23,10 +23,11 @@ from torchvision.datasets import SBDataset, VOCSegmentation
 from torchvision.datasets.voc import DATASET_YEAR_DICT
 
 from tests.voc_layout import write_mask, write_xml
-from tools.cli import run_main
-from tools.descriptor import DEFAULT_DESCRIPTOR, load_descriptor, voc_palette
+from tools.cli.exits import run_main
+from tools.data.descriptor import DEFAULT_DESCRIPTOR, load_descriptor, voc_palette
+from tools.data.readers import make_reader
+from tools.data.voc import read_mask_png
 from tools.prepare_voc import PUBLISHED_NAMES, SBD_LAYOUT, VOC_LAYOUT, main, published_downloads
-from tools.reader import make_reader, read_mask_png
 
 REPO = Path(__file__).resolve().parents[1]
 CLASS_NAMES = load_descriptor(DEFAULT_DESCRIPTOR).class_names

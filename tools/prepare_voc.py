@@ -21,7 +21,7 @@ The rules:
   ``benchmark.tgz``) must have the published MD5 (torchvision's constants); an archive under another
   name (one made by hand, the tests') is not checked. ``--download`` fetches with torchvision's
   ``download_url`` into ``<out>/downloads/``, which checks the MD5 and skips a file already there.
-- an archive is streamed once, front to back, and never unpacked to disk (see ``tools.voc_archives``);
+- an archive is streamed once, front to back, and never unpacked to disk (see ``tools.data.voc_archives``);
   SBD's ``img/`` (the same photos as VOC's) and ``inst/`` are not read.
 - lists: each is compared with ``data/voc12/<list>.txt`` (``--reference_lists``): a difference is a
   warning naming the counts and first ids only in one of them (on the real downloads they are equal).
@@ -43,12 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tools.arguments import StageArgumentParser, positive_int
-from tools.artifacts import PNG_SUFFIX, atomic_write_bytes, atomic_write_text
-from tools.cli import run_main
-from tools.descriptor import DEFAULT_DESCRIPTOR, DatasetError, load_descriptor, read_id_list, write_descriptor
-from tools.parallel import BackgroundJobs, default_jobs
-from tools.voc_archives import Layout, Member, Source, parse_ids, write_sbd_mask, write_voc_mask
+from tools.artifacts.files import atomic_write_bytes, atomic_write_text
+from tools.artifacts.paths import PNG_SUFFIX
+from tools.cli.arguments import StageArgumentParser, positive_int
+from tools.cli.exits import run_main
+from tools.data.descriptor import DEFAULT_DESCRIPTOR, DatasetError, load_descriptor, read_id_list, write_descriptor
+from tools.data.voc_archives import Layout, Member, Source, parse_ids, write_sbd_mask, write_voc_mask
+from tools.scoring.parallel import BackgroundJobs, default_jobs
 
 VOC_YEAR = "2012"
 PHOTOS, XMLS, MASKS, AUG_MASKS = "JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug"

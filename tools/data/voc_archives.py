@@ -23,8 +23,8 @@ from PIL import Image
 from scipy.io import loadmat
 from tqdm import tqdm
 
-from tools.artifacts import atomic_write_bytes, save_png
-from tools.descriptor import MAX_LABEL_VALUE, DatasetError, check_image_id, voc_palette
+from tools.artifacts.files import atomic_write_bytes, save_png
+from tools.data.descriptor import MAX_LABEL_VALUE, DatasetError, check_image_id, voc_palette
 
 IGNORE_VALUE = MAX_LABEL_VALUE  # VOC's 255 band on object borders
 SBD_STRUCT, SBD_FIELD = "GTcls", "Segmentation"  # cls/<id>.mat: struct GTcls, class ids in GTcls.Segmentation
