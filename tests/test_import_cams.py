@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from core.conventions import strided_size
 from tests.cli_runner import REPO, run_script
-from tools.artifacts import load_label_png, load_prediction
+from tools.artifacts import ArtifactError, load_label_png, load_prediction
+from tools.cam_formats import FORMATS, ImageFacts, PeerCams
 from tools.descriptor import load_descriptor
 from tools.fingerprint import folder_fingerprint
-from tools.import_cams import main as import_cams
+from tools.import_cams import imported_cams, main as import_cams
 from tools.provenance import read_run
 from tools.reader import VOCReader
 
@@ -238,3 +239,28 @@ def test_imported_folder_goes_through_make_affinity_labels(dataset, tmp_path):
         values = set(np.unique(load_label_png(labels / f"{image_id}.png")).tolist())
         present = set((np.flatnonzero(reader.load_label(image_id)) + 1).tolist())
         assert values <= {0, 255} | present
+
+
+def test_a_label_without_a_map_and_a_dense_array_of_another_class_count_are_errors(dataset, tmp_path):
+    descriptor_path, reader, ids, flags = dataset
+    names = reader.descriptor.class_names
+    image = ImageFacts(np.array([1, 3]), (8, 12), len(names))
+    maps = {"hr_cam": ("high_res", np.ones((1, 8, 12), np.float32))}
+    with pytest.raises(ArtifactError, match=rf"no map of the image's labels \['{names[3]}'\]"):
+        imported_cams(PeerCams(np.array([1]), maps), tmp_path / "a.npy", image, names)
+    np.save(tmp_path / "b.npy", np.ones((len(names) + 1, 8, 12), np.float32))
+    with pytest.raises(ArtifactError, match=f"{len(names) + 1} channels, but a dense CAM has {len(names)}"):
+        FORMATS["dense"].read(tmp_path / "b.npy", image)
+
+
+def test_maps_are_put_in_class_order_and_scaled_exactly_to_max_one(dataset, tmp_path):
+    descriptor_path, reader, ids, flags = dataset
+    names = reader.descriptor.class_names
+    image = ImageFacts(np.array([1, 2, 3]), (8, 12), len(names))
+    hr_cam = np.stack([np.full((8, 12), 3.0), np.zeros((8, 12)), np.linspace(0, 0.5, 96).reshape(8, 12)])
+    hr_cam = hr_cam.astype(np.float16)  # classes 3, 1, 2 as CLIP-ES may order them
+    peer = PeerCams(np.array([3, 1, 2]), {"hr_cam": ("attn_highres", hr_cam)})
+    keys, cam, full = imported_cams(peer, tmp_path / "c.npy", image, names)
+    assert keys.tolist() == [0, 1, 2, 3] and cam.shape == (3, 2, 3) and full.dtype == np.float32
+    assert not full[0].any() and np.all(full[2] == 1)  # an all-zero map stays zero
+    assert np.array_equal(full[1], hr_cam[2].astype(np.float32) / np.float32(0.5))
