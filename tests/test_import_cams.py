@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from core.conventions import strided_size
 from tests.cli_runner import REPO, run_script
+from tools.arguments import UsageError
 from tools.artifacts import ArtifactError, load_label_png, load_prediction
 from tools.cam_formats import FORMATS, ImageFacts, PeerCams
 from tools.descriptor import load_descriptor
@@ -155,7 +156,7 @@ def test_run_json_names_source_and_format_and_a_changed_file_changes_the_fingerp
     content["high_res"] = content["high_res"] * 0.5
     np.save(peer / f"{ids[0]}.npy", content)
     assert folder_fingerprint(peer, (".npy",)) != before
-    with pytest.raises(Exception, match="imported from other source files"):
+    with pytest.raises(ArtifactError, match="imported from other source files"):
         import_cams(command)
     import_cams([*command, "--overwrite"])
     assert read_run(dest)["provenance"] != run["provenance"]
@@ -208,18 +209,21 @@ def test_bad_input_is_one_line_exit_1_and_no_dest(kind, dataset, tmp_path):
     assert not (dest.parent.exists() and list(dest.parent.iterdir()))
 
 
-def test_dense_pickle_and_an_existing_dest_are_refused(dataset, tmp_path):
+def test_dense_pickle_an_existing_dest_and_a_dest_holding_src_are_refused(dataset, tmp_path):
     descriptor_path, reader, ids, flags = dataset
     peer = tmp_path / "peer"
     write_peer_folder("irn", peer, reader, ids)  # pickled dicts, not plain arrays
-    with pytest.raises(Exception, match="cannot read a plain dense array"):
+    with pytest.raises(ArtifactError, match="cannot read a plain dense array"):
         import_cams([str(peer), str(tmp_path / "a"), "--format", "dense", *flags])
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "note.txt").write_text("mine")
-    with pytest.raises(Exception, match="pass --overwrite"):
+    with pytest.raises(ArtifactError, match="pass --overwrite"):
         import_cams([str(peer), str(tmp_path / "b"), "--format", "irn", "--allow_pickle", *flags])
     assert (tmp_path / "b" / "note.txt").read_text() == "mine"
+    with pytest.raises(UsageError, match="is SRC or holds it"):
+        import_cams([str(peer), str(tmp_path), "--format", "irn", "--allow_pickle", "--overwrite", *flags])
+    assert len(list(peer.iterdir())) == len(ids)
 
 
 def test_imported_folder_goes_through_make_affinity_labels(dataset, tmp_path):

@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> Path:
                             "in them; pass --allow_pickle to read them (only files you trust)")
     if not source.is_dir():
         raise ArtifactError(f"{source}: source folder not found")
-    if dest.resolve() == source.resolve():
-        raise UsageError(f"DEST {dest} is SRC: import into another folder")
+    if source.resolve().is_relative_to(dest.resolve()):  # replacing DEST would delete the source
+        raise UsageError(f"DEST {dest} is SRC or holds it: import into another folder")
     data = open_stage_data(args)
     files = source_files(source, data.ids, peer_format)
     LOG.info(f"fingerprinting the {'/'.join(peer_format.suffixes)} files of {source}")
