@@ -24,7 +24,7 @@ def imported_modules(path: Path) -> set[str]:
 
 def test_core_imports_nothing_from_the_layers_above():
     offenders = {path.name: sorted(imported_modules(path) & ({"tools"} | SCRIPTS))
-                 for path in sorted((REPO / "core").glob("*.py"))}
+                 for path in sorted((REPO / "core").rglob("*.py"))}
     assert not {name: found for name, found in offenders.items() if found}
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from core.backbone import CAAE_BACKBONE, SEMFORMER_BACKBONE
+from core.backbones.build import CAAE_BACKBONE, SEMFORMER_BACKBONE
 from tools.arguments import given_flags, positive_int
 from tools.artifacts import ArtifactError, atomic_write_text, read_json
 
