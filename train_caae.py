@@ -21,7 +21,7 @@ from tools.arguments import StageArgumentParser, non_negative_float, positive_in
 from tools.cli import add_dataset_args, dataset_flags, finish_training, open_stage_data, run_main
 from tools.dataset import CAMTestDataset, ClassificationDataset
 from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
-from tools.model_args import add_caae_args, add_pretrained_arg, caae_config, describe_model
+from tools.model_args import add_backbone_pretrained_arg, add_caae_args, caae_config, describe_model
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import caae_selection_score
 from tools.transforms import caae_eval_transform, caae_train_transform
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, batch_size=64, max_epoch=200, lr=0.025, wd=5e-4, num_workers=16,
                     tag="CAAE@DeiT-B-Dist")
     add_caae_args(parser)
-    add_pretrained_arg(parser, "timm's DeiT")
+    add_backbone_pretrained_arg(parser)
     parser.add_argument("--augment", default="colorjitter,randomexpand",
                         help="comma-separated subset of colorjitter,randomexpand")
     parser.add_argument("--eval_domain", default="train", help="list with GT used for checkpoint selection")

@@ -25,8 +25,8 @@ from tools.cli import add_dataset_args, dataset_flags, finish_training, open_sta
 from tools.dataset import CAMTestDataset, ClassificationDataset
 from tools.engine import TrainConfig, Trainer, add_engine_args, training_processes
 from tools.logger import TrainingLogger
-from tools.model_args import (add_caae_args, add_pretrained_arg, add_semformer_args, caae_config, describe_model,
-                              load_model_config, semformer_config)
+from tools.model_args import (add_backbone_pretrained_arg, add_caae_args, add_semformer_args, caae_config,
+                              describe_model, load_model_config, semformer_config)
 from tools.provenance import model_input
 from tools.optimizer import build_optimizer, parameter_groups
 from tools.train_eval import semformer_selection_score
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
                     tag="SemFormer@CAAE@DeiT-B-Dist")
     add_semformer_args(parser)
-    add_pretrained_arg(parser, "timm's DeiT")
+    add_backbone_pretrained_arg(parser)
     parser.add_argument("--ae_tag", required=True, help="the CAAE under experiments/models/ (train_caae.py)")
     add_caae_args(parser, prefix="ae_")
     parser.add_argument("--min_image_size", type=positive_int, default=224)

@@ -282,7 +282,7 @@ def prepare_cam(bench: Bench, setup: Setup) -> Callable[[], dict[str, np.ndarray
     def cams() -> dict[str, np.ndarray]:
         on_device = [scaled.to(setup.device, non_blocking=True) for scaled in inputs]
         with autocast(setup.device, setup.amp):
-            return multiscale_cams(activations, on_device, bench.size, CAM_KEYS)
+            return multiscale_cams(activations, on_device, bench.size, CAM_KEYS, segmentor.backbone.patch_size)
 
     return cams
 

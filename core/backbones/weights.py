@@ -56,7 +56,7 @@ def create_timm_model(model_name: str, pretrained: str, overrides: dict) -> nn.M
             raise
         first_line = str(error).strip().split("\n", 1)[0]
         raise CheckpointError(
-            f"cannot fetch timm's {model_name} weights ({pretrained_tag(model_name)}; {type(error).__name__}: "
+            f"cannot fetch timm's {model_name} weights '{pretrained_tag(model_name)}' ({type(error).__name__}: "
             f"{first_line}); on an offline machine pass a local file with --pretrained PATH, or train from "
             "scratch with --pretrained none"
         ) from error
