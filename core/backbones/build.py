@@ -7,7 +7,8 @@ from timm.models.vision_transformer import VisionTransformer
 from core.backbones.base import Backbone
 from core.backbones.eva import EvaBackbone
 from core.backbones.vit import ViTBackbone
-from core.backbones.weights import IMAGENET_ALIAS, PRETRAINED_NONE, PRETRAINED_TIMM, create_timm_model, load_weight_file
+from core.backbones.weights import (DYNAMIC_SIZE_FLAG, IMAGENET_ALIAS, PRETRAINED_NONE, PRETRAINED_TIMM,
+                                    create_timm_model, load_weight_file)
 
 SEMFORMER_BACKBONE = "deit_small_patch16_224"
 CAAE_BACKBONE = "deit_base_distilled_patch16_224"
@@ -15,6 +16,11 @@ CAAE_BACKBONE = "deit_base_distilled_patch16_224"
 ADAPTERS = ((VisionTransformer, ViTBackbone), (Eva, EvaBackbone))
 SUPPORTED_FAMILIES = ("VisionTransformer (DeiT, DeiT-III, ViT, CLIP, DINO, DINOv2 with or without registers)",
                       "Eva (EVA-02)")
+
+
+def unsupported(model_name: str, kind: str) -> str:
+    """The one-line refusal of a timm model outside ``SUPPORTED_FAMILIES``."""
+    return f"{model_name}: a timm {kind} that is not a supported backbone; supported families: {'; '.join(SUPPORTED_FAMILIES)}"
 
 
 def create_backbone(
@@ -36,11 +42,15 @@ def create_backbone(
         **timm_overrides: passed to ``timm.create_model`` (e.g. ``depth``, ``embed_dim``,
             ``num_heads``, ``patch_size`` for small test models).
     """
-    model = create_timm_model(model_name, pretrained, timm_overrides)
+    try:
+        model = create_timm_model(model_name, pretrained, timm_overrides)
+    except TypeError as error:  # a timm family without the dynamic-size flag (ResNet, ...)
+        if DYNAMIC_SIZE_FLAG not in str(error):
+            raise
+        raise ValueError(unsupported(model_name, "model")) from error
     adapter = next((adapter for family, adapter in ADAPTERS if isinstance(model, family)), None)
     if adapter is None:
-        raise ValueError(f"{model_name}: a timm {type(model).__name__} is not a supported backbone; supported "
-                         f"families: {'; '.join(SUPPORTED_FAMILIES)}")
+        raise ValueError(unsupported(model_name, type(model).__name__))
     if pretrained not in (PRETRAINED_TIMM, IMAGENET_ALIAS, PRETRAINED_NONE):
         load_weight_file(model, pretrained, adapter.checkpoint_filter)
     return adapter(model, image_size, grad_checkpointing)

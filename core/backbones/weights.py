@@ -28,6 +28,7 @@ PRETRAINED_TIMM = "timm"
 PRETRAINED_NONE = "none"
 IMAGENET_ALIAS = "imagenet"
 IMAGENET_TAG = re.compile(r"in(1|12|21|22)k")  # timm tags of weights trained on ImageNet (fb_in1k, augreg_in21k...)
+DYNAMIC_SIZE_FLAG = "dynamic_img_size"  # timm's switch for inputs of any size (EVA's rope then follows the grid)
 CLASSIFIER_PREFIXES = ("head.", "head_dist.")  # ignored in weight files: the heads are removed
 
 
@@ -50,7 +51,7 @@ def create_timm_model(model_name: str, pretrained: str, overrides: dict) -> nn.M
         raise CheckpointError(f"{pretrained}: --pretrained file not found (give {PRETRAINED_TIMM}, {PRETRAINED_NONE} "
                               "or a local timm .pth / .safetensors)")
     try:
-        model = timm.create_model(model_name, pretrained=download, dynamic_img_size=True, **overrides)
+        model = timm.create_model(model_name, pretrained=download, **{DYNAMIC_SIZE_FLAG: True}, **overrides)
     except Exception as error:  # offline, proxy, damaged cache: requests, OSError, RuntimeError, ...
         if not download:
             raise
