@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cra_layers", type=positive_int, default=4, help="last blocks whose attention forms the CRA")
     parser.add_argument("--exact_hr_cam", action="store_true",
                         help="resize hr_cam straight to the image size (the original stretches it to a "
-                             "multiple of 16 and crops, losing up to 15 px)")
+                             "multiple of the patch size, 16, and crops, losing up to 15 px)")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="off",
                         help="autocast of the model (bf16 / fp16; off: full precision, the original's)")
     parser.add_argument("--num_workers", type=non_negative_int, default=2,
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     for image_id, keys, size, inputs in tqdm(loader, desc="CAMs", dynamic_ncols=True):
         inputs = [scaled.to(device, non_blocking=True) for scaled in inputs]
         with autocast(device, args.amp):
-            cams = multiscale_cams(activations, inputs, size, keys, args.exact_hr_cam)
+            cams = multiscale_cams(activations, inputs, size, keys, segmentor.backbone.patch_size, args.exact_hr_cam)
         save_cams(output.folder / f"{image_id}{CAM_SUFFIX}", cams["keys"], cams["cam"], cams["hr_cam"])
     print(f"Next: python evaluate.py --experiment_name {name} --domain {evaluation_domain(data.descriptor, args)} "
           f"{dataset_flags(args)}\n"

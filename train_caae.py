@@ -21,7 +21,7 @@ from core.losses import caae_loss
 from tools.artifacts.model_card import describe_model
 from tools.cli.arguments import StageArgumentParser, non_negative_float, positive_int
 from tools.cli.exits import finish_training, run_main
-from tools.cli.model_args import add_caae_args, add_pretrained_arg, caae_config
+from tools.cli.model_args import add_backbone_pretrained_arg, add_caae_args, caae_config
 from tools.cli.stage_data import add_dataset_args, dataset_flags, open_stage_data
 from tools.data.datasets import CAMTestDataset, ClassificationDataset
 from tools.data.transforms import caae_eval_transform, caae_train_transform
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, batch_size=64, max_epoch=200, lr=0.025, wd=5e-4, num_workers=16,
                     tag="CAAE@DeiT-B-Dist")
     add_caae_args(parser)
-    add_pretrained_arg(parser, "timm's DeiT")
+    add_backbone_pretrained_arg(parser)
     parser.add_argument("--augment", default="colorjitter,randomexpand",
                         help="comma-separated subset of colorjitter,randomexpand")
     parser.add_argument("--eval_domain", default="train", help="list with GT used for checkpoint selection")

@@ -26,8 +26,8 @@ from tools.artifacts.paths import ExperimentPaths
 from tools.artifacts.provenance import model_input
 from tools.cli.arguments import StageArgumentParser, UsageError, non_negative_float, positive_int
 from tools.cli.exits import finish_training, run_main
-from tools.cli.model_args import (add_caae_args, add_pretrained_arg, add_semformer_args, caae_config, load_model_config,
-                                  semformer_config)
+from tools.cli.model_args import (add_backbone_pretrained_arg, add_caae_args, add_semformer_args, caae_config,
+                                  load_model_config, semformer_config)
 from tools.cli.stage_data import add_dataset_args, dataset_flags, open_stage_data
 from tools.data.datasets import CAMTestDataset, ClassificationDataset
 from tools.data.transforms import IMAGENET_MEAN, IMAGENET_STD, semformer_eval_transform, semformer_train_transform
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_engine_args(parser, batch_size=8, max_epoch=20, lr=0.005, wd=5e-4, num_workers=6,
                     tag="SemFormer@CAAE@DeiT-B-Dist")
     add_semformer_args(parser)
-    add_pretrained_arg(parser, "timm's DeiT")
+    add_backbone_pretrained_arg(parser)
     parser.add_argument("--ae_tag", required=True, help="the CAAE under experiments/models/ (train_caae.py)")
     add_caae_args(parser, prefix="ae_")
     parser.add_argument("--min_image_size", type=positive_int, default=224)

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from core.backbone import CAAE_BACKBONE, ViTBackbone
+from core.backbones.base import Backbone
+from core.backbones.build import CAAE_BACKBONE, create_backbone
 from core.losses import cosine_similarity
 from core.param_groups import ParameterGroup, original_groups
 
@@ -23,9 +24,9 @@ IMAGE_CHANNELS = 3
 
 
 class CAAEEncoder(nn.Module):
-    """The ViT under the name ``vit_backbone`` (the original's key layout), returning patch tokens."""
+    """The backbone under the name ``vit_backbone`` (the original's key layout), returning patch tokens."""
 
-    def __init__(self, backbone: ViTBackbone) -> None:
+    def __init__(self, backbone: Backbone) -> None:
         super().__init__()
         self.vit_backbone = backbone
 
@@ -64,7 +65,7 @@ class CAAE(nn.Module):
         class_dim: ``C``, width of each class embedding.
         decoder_width, decoder_depth, decoder_heads: the reconstruction decoder.
         reduction: ``'sum'`` (paper) or ``'mean'`` of the class embeddings over tokens.
-        pretrained, grad_checkpointing: see ``ViTBackbone`` (``none``, ``imagenet`` or a file).
+        pretrained, grad_checkpointing: see ``create_backbone`` (``timm``, ``none`` or a file).
         backbone_kwargs: extra ``timm.create_model`` arguments (small test models).
     """
 
@@ -88,7 +89,7 @@ class CAAE(nn.Module):
         self.num_classes = num_classes
         self.class_dim = class_dim
         self.reduction = reduction
-        backbone = ViTBackbone(
+        backbone = create_backbone(
             backbone_name, image_size, pretrained, grad_checkpointing, **(backbone_kwargs or {})
         )
         embed_dim = backbone.embed_dim

@@ -54,6 +54,7 @@ def multiscale_cams(
     inputs: Sequence[Tensor],
     image_size: tuple[int, int],
     keys: np.ndarray,
+    patch_size: int,
     exact_hr_cam: bool = False,
 ) -> dict[str, np.ndarray]:
     """``keys``, ``cam (n, ceil(H/4), ceil(W/4))`` and ``hr_cam (n, H, W)`` of one photo of ``image_size``.
@@ -62,13 +63,13 @@ def multiscale_cams(
     multiples of the patch size, see ``scaled_size``). ``activations`` maps a batch ``(2, 3, h_s, w_s)``
     (the photo and its flip) to non-negative class maps ``(2, K, h, w)`` (SemFormer: ReLU(seg logits)
     weighted by the class-relevant attention). ``keys`` are the present classes' ids (background 0
-    first). By default the full-resolution map is resized to the size rounded up to a multiple of 16
-    and then cropped, as the original does (a quirk that drops up to 15 px of content);
-    ``exact_hr_cam`` resizes straight to ``(H, W)``.
+    first). By default the full-resolution map is resized to the size rounded up to a multiple of the
+    model's ``patch_size`` and then cropped, as the original does with its patch 16 (a quirk that drops
+    up to ``patch_size - 1`` px of content); ``exact_hr_cam`` resizes straight to ``(H, W)``.
     """
     height, width = image_size
     small = strided_size(height, width)
-    large = (height, width) if exact_hr_cam else strided_up_size(height, width, 16)
+    large = (height, width) if exact_hr_cam else strided_up_size(height, width, patch_size)
     cam = hr_cam = 0.0  # sums of the resized maps over scales and flips
     for scaled in inputs:
         batch = torch.stack([scaled, scaled.flip(-1)])

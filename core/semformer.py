@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.backbone import DEFAULT_ATTN_LAYERS, SEMFORMER_BACKBONE, ViTBackbone
+from core.backbones.base import DEFAULT_ATTN_LAYERS
+from core.backbones.build import SEMFORMER_BACKBONE, create_backbone
 from core.caae import CAAE
 from core.checkpoint import CheckpointError, load_strict
 from core.losses import cosine_similarity, seen_pairs
@@ -89,12 +90,13 @@ class SemFormerSegmentor(nn.Module):
 
     Args:
         num_classes: ``K``, background included.
-        backbone_name: timm model (paper: ``deit_small_patch16_224``).
-        image_size: training image size; the patch position grid is resized to it once (448 -> 28 x 28).
+        backbone_name: timm model (paper: ``deit_small_patch16_224``; see ``core.backbones.build``).
+        image_size: training image size, a multiple of the patch size; the patch position grid is
+            resized to it once (448 -> 28 x 28 for patch 16, 32 x 32 for patch 14).
         class_dim: ``C``, width of each class embedding (must match the CAAE's).
         seg_dropout: ``'token'`` (the original's behaviour) or ``'channel'`` dropout before ``seg_head``.
         dropout: dropout probability before ``seg_head``.
-        pretrained, grad_checkpointing: see ``ViTBackbone`` (``none``, ``imagenet`` or a file).
+        pretrained, grad_checkpointing: see ``create_backbone`` (``timm``, ``none`` or a file).
         backbone_kwargs: extra ``timm.create_model`` arguments (small test models).
     """
 
@@ -112,7 +114,7 @@ class SemFormerSegmentor(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = ViTBackbone(
+        self.backbone = create_backbone(
             backbone_name, image_size, pretrained, grad_checkpointing, **(backbone_kwargs or {})
         )
         embed_dim = self.backbone.embed_dim

@@ -61,7 +61,7 @@ def realistic_cams(mask: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         return torch.cat([grid, grid.flip(-1)])
 
     inputs = [torch.zeros(3, *scaled_size(HEIGHT, WIDTH, scale, PATCH)) for scale in SCALES]
-    return multiscale_cams(activations, inputs, (HEIGHT, WIDTH), np.array([0, *classes]))
+    return multiscale_cams(activations, inputs, (HEIGHT, WIDTH), np.array([0, *classes]), PATCH)
 
 
 @pytest.fixture(scope="module")

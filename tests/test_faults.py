@@ -432,10 +432,10 @@ def test_offline_imagenet_weights_stop_before_training_with_one_line(capsys, dat
     create_model = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
     flags = [flag for flag in caae_command(data, tmp_path / "exp", "--max_epoch", "1")[1:] if flag != "none"]
-    flags.remove("--pretrained")  # the default: imagenet
+    flags.remove("--pretrained")  # the default: timm, the tag's own weights (ImageNet-1k for DeiT)
     code, message = outcome(capsys, train_caae.main, *flags)
     assert code == EXIT_ERROR
-    assert message == ("error: cannot fetch timm's deit_small_patch16_224 ImageNet weights (OSError: We couldn't "
+    assert message == ("error: cannot fetch timm's deit_small_patch16_224 weights 'fb_in1k' (OSError: We couldn't "
                        "connect to 'https://huggingface.co' to load this file.); on an offline machine pass a local "
                        "file with --pretrained PATH, or train from scratch with --pretrained none")
     assert not (tmp_path / "exp" / "models").exists()

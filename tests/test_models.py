@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from core.backbone import ViTBackbone, block_with_attention
+from core.backbones.base import block_with_attention
+from core.backbones.build import create_backbone
 from core.caae import CAAE
 from core.checkpoint import CheckpointError
 from core.losses import cosine_similarity
@@ -46,7 +47,7 @@ def timm_grid(pos_embed, prefix, side):
 
 # ----------------------------------------------------------------------------- backbone
 def test_backbone_pads_to_patch_multiple_and_accepts_non_square_inputs():
-    backbone = ViTBackbone("deit_small_patch16_224", image_size=32, **TINY).eval()
+    backbone = create_backbone("deit_small_patch16_224", image_size=32, **TINY).eval()
     images = torch.randn(2, 3, 40, 70)
     tokens = backbone.forward_features(images)
     assert tokens.shape == (2, 3 * 5, 64)
@@ -60,7 +61,7 @@ def test_backbone_reads_and_resizes_the_pretrained_position_embedding(tmp_path, 
     reference = timm.create_model(model_name, **TINY)
     path = tmp_path / "weights.pth"
     torch.save({"model": reference.state_dict()}, path)  # DeiT's release layout
-    backbone = ViTBackbone(model_name, image_size=448, pretrained=str(path), **TINY)
+    backbone = create_backbone(model_name, image_size=448, pretrained=str(path), **TINY)
 
     grid = timm_grid(reference.pos_embed.detach(), prefix, 14)
     expected = F.interpolate(grid, size=(28, 28), mode="bicubic", align_corners=False)
@@ -86,7 +87,7 @@ def test_backbone_reads_and_resizes_the_pretrained_position_embedding(tmp_path, 
 
 
 def test_attention_path_matches_timms_fused_block():
-    backbone = ViTBackbone("deit_small_patch16_224", image_size=32, **TINY).eval()
+    backbone = create_backbone("deit_small_patch16_224", image_size=32, **TINY).eval()
     block = backbone.model.blocks[-1]
     assert block.attn.fused_attn  # timm's own path is scaled_dot_product_attention
     x = torch.randn(2, 9, 64)
@@ -102,7 +103,7 @@ def test_attention_path_matches_timms_fused_block():
 
 
 def test_outer_tokens_and_attention_maps_for_non_square_inputs():
-    backbone = ViTBackbone("deit_small_patch16_224", image_size=32, **TINY).eval()
+    backbone = create_backbone("deit_small_patch16_224", image_size=32, **TINY).eval()
     tokens, token_pos = torch.randn(1, 4, 64), torch.randn(1, 4, 64)
     images = torch.randn(2, 3, 40, 70)  # grid 3 x 5
     plain = backbone.forward_with_tokens(images, tokens, token_pos)
@@ -117,7 +118,7 @@ def test_outer_tokens_and_attention_maps_for_non_square_inputs():
 
 
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
-    backbone = ViTBackbone("deit_small_patch16_224", image_size=32, **TINY)
+    backbone = create_backbone("deit_small_patch16_224", image_size=32, **TINY)
     images = torch.randn(2, 3, 32, 48)
     backbone.forward_features(images).square().sum().backward()
     plain = [p.grad.clone() for p in backbone.parameters()]
@@ -137,7 +138,7 @@ def test_weight_files_load_from_pth_and_safetensors(tmp_path):
     headless = {key: value for key, value in state.items() if not key.startswith("head.")}
     torch.save(headless, tmp_path / "headless.pth")  # e.g. exported with num_classes=0
     for name in ("plain.pth", "w.safetensors", "headless.pth"):
-        backbone = ViTBackbone("deit_small_patch16_224", pretrained=str(tmp_path / name), **TINY)
+        backbone = create_backbone("deit_small_patch16_224", pretrained=str(tmp_path / name), **TINY)
         torch.testing.assert_close(backbone.model.patch_embed.proj.weight, state["patch_embed.proj.weight"])
 
 
@@ -150,7 +151,7 @@ def test_offline_imagenet_weights_fail_with_one_line_naming_the_alternatives(mon
     create_model = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(CheckpointError) as error:
-        ViTBackbone("deit_small_patch16_224", pretrained="imagenet", **TINY)
+        create_backbone("deit_small_patch16_224", pretrained="imagenet", **TINY)
     message = str(error.value)
     assert "\n" not in message and "--pretrained PATH" in message and "--pretrained none" in message
 
@@ -159,9 +160,9 @@ def test_corrupt_weight_file_fails_naming_the_file(tmp_path):
     path = tmp_path / "broken.pth"
     path.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="broken.pth: cannot read"):
-        ViTBackbone("deit_small_patch16_224", pretrained=str(path), **TINY)
+        create_backbone("deit_small_patch16_224", pretrained=str(path), **TINY)
     with pytest.raises(CheckpointError, match="absent.pth: --pretrained file not found"):
-        ViTBackbone("deit_small_patch16_224", pretrained=str(tmp_path / "absent.pth"), **TINY)
+        create_backbone("deit_small_patch16_224", pretrained=str(tmp_path / "absent.pth"), **TINY)
 
 
 def test_tampered_weight_file_fails_naming_keys_and_shapes(tmp_path):
@@ -171,7 +172,7 @@ def test_tampered_weight_file_fails_naming_keys_and_shapes(tmp_path):
     path = tmp_path / "tampered.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as error:
-        ViTBackbone("deit_small_patch16_224", pretrained=str(path), **TINY)
+        create_backbone("deit_small_patch16_224", pretrained=str(path), **TINY)
     message = str(error.value)
     assert "tampered.pth" in message
     assert "missing keys (1): blocks.0.attn.qkv.weight" in message
@@ -342,7 +343,7 @@ def test_segmentor_state_dict_round_trip_without_the_ae(tmp_path):
 
 
 def test_blocks_whose_attention_the_cra_does_not_need_run_fused_attention(monkeypatch):
-    backbone = ViTBackbone("deit_small_patch16_224", image_size=64, depth=4, embed_dim=32, num_heads=2).eval()
+    backbone = create_backbone("deit_small_patch16_224", image_size=64, depth=4, embed_dim=32, num_heads=2).eval()
     fused_calls = []
     fused = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention",

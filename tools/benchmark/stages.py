@@ -207,7 +207,8 @@ def prepare_cam(bench: Bench, setup: Setup) -> Prepared:
     def run() -> dict[str, np.ndarray]:
         on_device = [scaled.to(setup.device, non_blocking=True) for scaled in inputs]
         with autocast(setup.device, setup.amp):
-            return multiscale_cams(activations, on_device, bench.size, CAM_KEYS, args.exact_hr_cam)
+            return multiscale_cams(activations, on_device, bench.size, CAM_KEYS, segmentor.backbone.patch_size,
+                                   args.exact_hr_cam)
 
     return Prepared(run, 1, bench.size)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from core.backbone import CAAE_BACKBONE, SEMFORMER_BACKBONE
+from core.backbones.build import CAAE_BACKBONE, SEMFORMER_BACKBONE
+from core.backbones.weights import IMAGENET_ALIAS, PRETRAINED_NONE, PRETRAINED_TIMM
 from tools.artifacts.files import ArtifactError
 from tools.artifacts.model_card import card_path, model_config, read_card
 from tools.cli.arguments import given_flags, positive_int
@@ -26,17 +27,28 @@ SHARED_FLAGS = ("class_dim",)  # one flag for SemFormer and its CAAE
 
 
 def add_pretrained_arg(parser: argparse.ArgumentParser, source: str) -> None:
-    """``--pretrained imagenet|none|PATH`` of a training script, ``imagenet`` (the original) by default."""
+    """``--pretrained imagenet|none|PATH`` of a ResNet training script, ``imagenet`` (the original) by default."""
     parser.add_argument("--pretrained", default="imagenet", metavar="imagenet|none|PATH",
                         help=f"imagenet: {source}'s ImageNet weights (downloaded once; the original); none: random "
                              "init; PATH: a local .pth / .safetensors file of them, for offline machines")
 
 
+def add_backbone_pretrained_arg(parser: argparse.ArgumentParser) -> None:
+    """``--pretrained timm|none|PATH`` of a ViT training script: the ``--backbone`` tag's own weights by default."""
+    parser.add_argument(
+        "--pretrained", default=PRETRAINED_TIMM, metavar=f"{PRETRAINED_TIMM}|{PRETRAINED_NONE}|PATH",
+        help=f"{PRETRAINED_TIMM}: the weights of the --backbone timm tag (the paper's DeiT: ImageNet-1k; DINOv2: "
+             f"LVD-142M; CLIP: CLIP's; downloaded once; '{IMAGENET_ALIAS}', the original's name, is accepted for "
+             f"ImageNet weights); {PRETRAINED_NONE}: random init; PATH: a local .pth / .safetensors file of them "
+             "(timm's layout, or a released one timm converts), for offline machines")
+
+
 def _add_vit_args(parser: argparse.ArgumentParser, prefix: str, backbone: str, image_size: int) -> None:
     group = parser.add_argument_group(f"{prefix or 'model'} architecture")
-    group.add_argument(f"--{prefix}backbone", default=backbone, help="timm ViT / DeiT name")
+    group.add_argument(f"--{prefix}backbone", default=backbone,
+                       help="timm name, optionally with its weights' tag (README: supported backbones)")
     group.add_argument(f"--{prefix}image_size", type=positive_int, default=image_size,
-                       help="training size; the patch position grid is resized to it")
+                       help="training size, a multiple of the patch size; the patch position grid is resized to it")
     for name in VIT_OVERRIDES:
         group.add_argument(f"--{prefix}vit_{name}", type=positive_int, default=None,
                            help=f"override the timm model's {name} (tiny test / demo models)")
