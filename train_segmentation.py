@@ -46,6 +46,8 @@ from tools.training.optimizer import build_optimizer, parameter_groups
 from tools.training.selection import segmentation_selection_score
 
 
+AUTO_BN = "auto"  # --backbone_bn: frozen with pretrained weights, train from random init
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = StageArgumentParser(description=__doc__)
     labels = parser.add_mutually_exclusive_group(required=True)
@@ -59,9 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--architecture", choices=ARCHITECTURES, default="deeplabv2")
     model.add_argument("--backbone", default="resnet101", help="any torchvision ResNet (resnet18 ... resnet152)")
     add_pretrained_arg(model, "torchvision's ResNet")
-    model.add_argument("--backbone_bn", choices=BN_MODES, default="frozen",
+    model.add_argument("--backbone_bn", choices=(AUTO_BN, *BN_MODES), default=AUTO_BN,
                        help="frozen: BatchNorm fixed (the recipes, with ImageNet weights); train: ordinary "
-                            "BatchNorm (needed from random init)")
+                            "BatchNorm (needed from random init); auto (default): frozen with pretrained weights, "
+                            "train with --pretrained none (frozen random statistics are meaningless and diverge, "
+                            "so --backbone_bn frozen --pretrained none is refused)")
     recipe = parser.add_argument_group("data and loss")
     recipe.add_argument("--loss", choices=SEGMENTATION_LOSSES, default="balanced_ce",
                         help="balanced_ce: mean of the background and foreground pixels' CE; ce: plain CE")
@@ -71,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--scale_mode", choices=SCALE_MODES, default="choice",
                         help="choice: one of --scales; uniform: any factor between their min and max")
     recipe.add_argument("--eval_domain", default="val", help="list scored after every epoch, if it has GT masks")
-    return parser.parse_args(argv)
+    parser.add_check(lambda args: "--backbone_bn frozen keeps the BatchNorm statistics of a random init with "
+                     "--pretrained none (meaningless; such runs diverge): use --backbone_bn train, the default "
+                     "with --pretrained none" if args.backbone_bn == "frozen" and args.pretrained == "none" else None)
+    args = parser.parse_args(argv)
+    if args.backbone_bn == AUTO_BN:  # resolved here, so the card and the provenance record what trains
+        args.backbone_bn = "train" if args.pretrained == "none" else "frozen"
+    return args
 
 
 def train_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], loss: str,

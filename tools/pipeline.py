@@ -7,7 +7,7 @@ under ``torchrun`` with ``--gpus``. Every command gets ``--dataset``, ``--data_d
 ``--experiments_dir``.
 
 A stage is skipped when its output is complete and its provenance (``tools.artifacts.provenance``) matches
-the command: same settings, inputs not remade since. Otherwise it runs: a model with ``--resume``
+the command: same settings and dataset, inputs not remade since. Otherwise it runs: a model with ``--resume auto``
 if a matching run was interrupted, ``--overwrite`` if its settings or inputs changed; a folder
 with ``--overwrite`` if it was made another way (finished files are kept when it was not). Stage
 output goes to ``<experiments>/logs/pipeline@<recipe>/<stage>.log``; the terminal shows the stage's
@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from tools.artifacts.folders import missing_ids
 from tools.artifacts.model_card import read_card
 from tools.artifacts.paths import ExperimentPaths
 from tools.artifacts.provenance import read_run, stale_reasons
-from tools.cli.exits import EXIT_INTERRUPTED, CommandFailed
+from tools.cli.exits import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, STATUS_DIR_VARIABLE, CommandFailed, reported_statuses
 from tools.cli.presets import recipe_variables
 from tools.cli.repository import REPOSITORY, stage_script
 from tools.data.descriptor import load_descriptor
@@ -178,16 +179,16 @@ def plan(stage: Stage, settings: Settings) -> tuple[list[str] | None, str]:
         content = read_card(paths.model(tag)) or {}
         if "run" not in content:
             if paths.checkpoint(tag).is_file():
-                return ["--resume"], "continuing an interrupted run"
+                return ["--resume", "auto"], "continuing an interrupted run"
             if paths.model(tag).is_file():
                 return ["--overwrite"], "a model of unknown provenance is replaced"
-            return [], "new"
+            return ["--resume", "auto"], "new"
         reasons = stale_reasons(content["run"], args)
         if reasons:
             return ["--overwrite"], "changed: " + "; ".join(reasons)
         if content.get("finished"):
             return None, "done"
-        return ["--resume"], "continuing an interrupted run"
+        return ["--resume", "auto"], "continuing an interrupted run"
     folder = paths.predictions(stage.output["folder"])
     overwrite = ["--overwrite"] if hasattr(args, "overwrite") else []
     run = read_run(folder)
@@ -253,7 +254,8 @@ def run_logged(argv: list[str], log: Path, label: str) -> None:
     ``EXIT_INTERRUPTED``, which a rerun of the pipeline resumes)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     echo = ProgressEcho(label)
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    statuses = Path(tempfile.mkdtemp(prefix=f".{label}.status.", dir=log.parent))  # each rank's own status
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", STATUS_DIR_VARIABLE: str(statuses)}
     with open(log, "ab") as handle:
         handle.write(f"$ {shlex.join(argv)}\n".encode())
         process = subprocess.Popen(argv, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -270,6 +272,10 @@ def run_logged(argv: list[str], log: Path, label: str) -> None:
                     echo.offer(fragment.decode(errors="replace"))
             code = process.wait()
     echo.close()
+    reported = reported_statuses(statuses)
+    shutil.rmtree(statuses, ignore_errors=True)
+    if code != 0:  # torchrun ends with 1 whatever its workers' statuses: theirs decide
+        code = next((status for status in (EXIT_INTERRUPTED, EXIT_USAGE) if status in reported), code)
     if code == EXIT_INTERRUPTED:
         LOG.error(f"interrupted: {label} stopped after saving its checkpoint; run the same run_pipeline.py command "
                   f"again to continue (log {log})")
@@ -278,7 +284,7 @@ def run_logged(argv: list[str], log: Path, label: str) -> None:
         lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
         tail = "\n".join(line for line in lines if line.strip())[-4000:].splitlines()[-FAILURE_TAIL_LINES:]
         raise CommandFailed(f"stage command failed ({code}): {shlex.join(argv)}\n" + "\n".join(tail)
-                            + f"\nfull log: {log}")
+                            + f"\nfull log: {log}", status=EXIT_USAGE if code == EXIT_USAGE else EXIT_ERROR)
 
 
 def read_miou(path: Path) -> float | None:

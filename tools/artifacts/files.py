@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 FILE_MODE = 0o666  # before the umask, as open() creates files
+TEMPORARY_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside the target
 
 
 class ArtifactError(ValueError):
@@ -33,7 +34,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(handle)
     temporary = Path(temporary)
     os.chmod(temporary, FILE_MODE & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
@@ -43,6 +44,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def remove_stale_temporaries(folder: Path, name: str = "*") -> int:
+    """Delete the temporary files ``atomic_path`` left in ``folder`` for ``name`` (every file by default) when
+    a run was killed mid-write; call it only while holding the folder's writer lock. Returns how many."""
+    stale = list(Path(folder).glob(f".{name}.*{TEMPORARY_SUFFIX}")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

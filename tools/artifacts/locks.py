@@ -22,6 +22,7 @@ from typing import Iterator
 from tools.artifacts.files import ArtifactError
 
 LOCK_SUFFIX = ".lock"
+_HELD: dict[Path, object] = {}  # lock path -> the entered context holding it, until this process ends
 
 
 def holder_description() -> dict[str, object]:
@@ -56,3 +57,14 @@ def _holder(lock_path: Path) -> str:
         return f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}: {holder['command']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "holder unknown"
+
+
+def hold_until_exit(lock_path: Path, what: str) -> None:
+    """Take the lock of ``lock_path`` for the rest of this process (a stage writes until it ends); taking it
+    again in the same process is a no-op, so a process may claim its own artifact twice."""
+    lock_path = Path(lock_path).resolve()
+    if lock_path in _HELD:
+        return
+    stack = exclusive_writer(lock_path, what)
+    stack.__enter__()
+    _HELD[lock_path] = stack

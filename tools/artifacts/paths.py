@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tools.artifacts.locks import LOCK_SUFFIX
 from tools.artifacts.model_card import card_path
 
 CAM_SUFFIX = ".npz"
@@ -61,6 +62,10 @@ class ExperimentPaths:
     def model_card(self, tag: str) -> Path:
         """The model's card (architecture and provenance), written together with ``model(tag)``."""
         return card_path(self.model(tag))
+
+    def model_lock(self, tag: str) -> Path:
+        """The writer lock of a tag (``tools.artifacts.locks``): one training run per tag at a time."""
+        return self.root / "models" / f"{tag}{LOCK_SUFFIX}"
 
     def checkpoint(self, tag: str) -> Path:
         return self.root / "models" / f"{tag}.last.pth"

@@ -23,20 +23,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from tools.artifacts.files import ArtifactError, atomic_write_text, read_json
+from tools.artifacts.files import ArtifactError, atomic_write_text, read_json, remove_stale_temporaries
+from tools.artifacts.locks import hold_until_exit
 from tools.artifacts.model_card import card_path, is_unfinished, run_provenance
 from tools.cli.repository import REPOSITORY
+from tools.data.descriptor import DatasetError, load_descriptor
 
 LOG = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"  # a prediction folder's writer lock (hidden: not a prediction)
 RUN_FORMAT = 1
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "pydensecrf2")
 # Flags that choose which ids, where, how fast or how often to log, never what a file holds.
 EXECUTION_FLAGS = frozenset({
     "domain", "list", "start", "end", "overwrite", "resume", "device", "num_workers", "n_jobs",
     "dataset", "data_dir", "experiments_dir", "print_ratio", "eval_every", "eval_batch_size", "allow_pickle",
-    "submission",
+    "submission", "checkpoint_every",
 })
 WAIT_SECONDS = 600.0  # how long a non-zero rank waits for rank 0's run.json
 
@@ -74,10 +77,43 @@ def git_state(root: Path = REPOSITORY) -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def fingerprint(script: str, settings: Mapping[str, Any], inputs: Mapping[str, Any]) -> str:
+def fingerprint(script: str, settings: Mapping[str, Any], inputs: Mapping[str, Any],
+                dataset: Mapping[str, Any] | None = None, run_id: str | None = None) -> str:
+    """The provenance hash: script, settings, the inputs' own hashes, the dataset read and, for a model, the
+    id of the run that made it (so a model retrained with the same flags is a new input downstream)."""
     content = {"script": script, "settings": settings,
                "inputs": {name: entry["provenance"] for name, entry in inputs.items()}}
+    if dataset is not None:
+        content["dataset"] = dataset
+    if run_id is not None:
+        content["run_id"] = run_id
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 (16 hex digits) of a file's bytes; a missing file is a ``DatasetError`` naming it."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot read ({error.strerror})") from error
+
+
+def dataset_identity(args: argparse.Namespace | Mapping[str, Any], with_list: bool) -> dict[str, str] | None:
+    """What a stage read of its dataset: the descriptor's content (and the COCO index's), the resolved data
+    root and, ``with_list`` (training: a model depends on its list), the list's content. None for a run
+    without dataset flags."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    if not values.get("dataset"):
+        return None
+    descriptor = load_descriptor(values["dataset"])
+    identity = {"descriptor": file_hash(descriptor.path),
+                "root": str(descriptor.resolve_data_dir(values.get("data_dir")).resolve())}
+    if descriptor.index_file is not None:
+        identity["index"] = file_hash(descriptor.index_file)
+    if with_list:
+        identity["list"] = file_hash(Path(values["list"]) if values.get("list")
+                                     else descriptor.list_path(values["domain"]))
+    return identity
 
 
 def settings_of(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
@@ -88,17 +124,24 @@ def settings_of(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def run_record(script: str, args: argparse.Namespace | Mapping[str, Any],
-               inputs: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """What ``script`` run with ``args`` on ``inputs`` (``name -> folder_input / model_input / ...``) is."""
+               inputs: Mapping[str, Mapping[str, Any]] | None = None, *, with_list: bool = False,
+               run_id: str | None = None) -> dict[str, Any]:
+    """What ``script`` run with ``args`` on ``inputs`` (``name -> folder_input / model_input / ...``) and on its
+    dataset (``dataset_identity``; ``with_list`` for training) is; ``run_id`` identifies a model's run."""
     values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     settings = settings_of(values)
     execution = {name: plain(value) for name, value in sorted(values.items()) if name in EXECUTION_FLAGS}
     inputs = {name: dict(entry) for name, entry in (inputs or {}).items()}
-    return {
-        "format": RUN_FORMAT, "script": script, "provenance": fingerprint(script, settings, inputs),
-        "settings": settings, "inputs": inputs, "execution": execution, "versions": package_versions(),
-        "git": git_state(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    dataset = dataset_identity(values, with_list)
+    record = {
+        "format": RUN_FORMAT, "script": script, "provenance": fingerprint(script, settings, inputs, dataset, run_id),
+        "settings": settings, "inputs": inputs, "dataset": dataset, "execution": execution,
+        "versions": package_versions(), "git": git_state(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if run_id is not None:
+        record["run_id"] = run_id
+    return record
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -150,15 +193,30 @@ def current_provenance(path: str | Path) -> str | None:
 
 
 def stale_reasons(record: Mapping[str, Any], args: argparse.Namespace | Mapping[str, Any]) -> list[str]:
-    """Why an artifact made as ``record`` is not what ``args`` would make now: changed settings, or
-    inputs whose provenance changed since (an upstream stage was redone another way)."""
+    """Why an artifact made as ``record`` is not what ``args`` would make now: changed settings, another
+    dataset (descriptor, list or root), or inputs whose provenance changed since (an upstream stage was redone,
+    a model retrained)."""
     settings = settings_of(args)
     reasons = differences({**record, "inputs": {}}, {"script": record.get("script", ""), "settings": settings,
-                                                     "inputs": {}})
+                                                     "inputs": {}, "dataset": record.get("dataset")})
+    recorded = record.get("dataset")
+    current = dataset_identity(args, with_list=bool(recorded) and "list" in recorded)
+    if current is not None and recorded != current:
+        reasons.append(_dataset_change(recorded, current))
     for name, entry in record.get("inputs", {}).items():
         if entry.get("provenance") is not None and current_provenance(entry["path"]) != entry["provenance"]:
             reasons.append(f"input {name} {entry['path']} was remade")
     return reasons
+
+
+def _dataset_change(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> str:
+    """One phrase naming what differs between two ``dataset_identity`` records."""
+    if not old:
+        return "the dataset it read is not recorded (made by an older version)"
+    changed = [key for key in sorted(set(old) | set(new or {})) if old.get(key) != (new or {}).get(key)]
+    if "root" in changed:
+        return f"dataset root {old.get('root')} -> {(new or {}).get('root')}"
+    return "dataset " + ", ".join(f"{key} content" for key in changed) + " changed"
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -171,6 +229,8 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     for name in sorted(set(old_settings) | set(new_settings)):
         if old_settings.get(name, "<unset>") != new_settings.get(name, "<unset>"):
             found.append(f"--{name} {old_settings.get(name, '<unset>')} -> {new_settings.get(name, '<unset>')}")
+    if old.get("dataset") != new.get("dataset"):
+        found.append(_dataset_change(old.get("dataset"), new.get("dataset")))
     old_inputs, new_inputs = old.get("inputs", {}), new["inputs"]
     for name in sorted(set(old_inputs) | set(new_inputs)):
         before, after = old_inputs.get(name, {}), new_inputs.get(name, {})
@@ -193,6 +253,8 @@ def claim_output_folder(folder: Path, record: Mapping[str, Any], suffix: str, ov
         _wait_for_run(folder, record["provenance"])
         return
     folder.mkdir(parents=True, exist_ok=True)
+    hold_until_exit(folder / LOCK_FILE, f"prediction folder {folder.name}")
+    remove_stale_temporaries(folder)
     old = read_run(folder)
     files = sorted(folder.glob(f"*{suffix}"))
     if old is not None and old.get("provenance") == record["provenance"]:

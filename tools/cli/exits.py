@@ -13,8 +13,10 @@ Exit statuses of every script (``run_main``):
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 from typing import Callable
 
 from core.errors import CheckpointError
@@ -27,10 +29,16 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 3
 EXIT_ABORTED = 130
 WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+STATUS_DIR_VARIABLE = "STAGE_STATUS_DIR"  # where run_main reports its exit status to a driver (run_pipeline.py)
+STATUS_SUFFIX = ".status"
 
 
 class TrainingInterrupted(Exception):
     """A training run stopped by a signal after saving its checkpoint (exit status ``EXIT_INTERRUPTED``)."""
+
+
+class TrainingDiverged(Exception):
+    """A training run whose loss became non-finite: stopped before the step, not marked finished (status 1)."""
 
 
 class CommandFailed(Exception):
@@ -76,7 +84,7 @@ def _ignore_interrupts() -> None:
 
 def _outcome(error: BaseException) -> tuple[int, str] | None:
     """Exit status and message of an exception that ends a script, None for one that is a bug."""
-    if isinstance(error, (DatasetError, ArtifactError, CheckpointError)):
+    if isinstance(error, (DatasetError, ArtifactError, CheckpointError, TrainingDiverged)):
         return EXIT_ERROR, f"error: {error_message(error)}"
     if isinstance(error, UsageError):
         return EXIT_USAGE, f"error: {error}"
@@ -101,10 +109,27 @@ def run_main(main: Callable[[], object]) -> None:
         _ignore_interrupts()
         outcome = _outcome(error)
         if outcome is None:
+            code = error.code if isinstance(error, SystemExit) else EXIT_ERROR  # argparse's usage errors: 2
+            _report_status(code if isinstance(code, int) else EXIT_ERROR if code else 0)
             raise
         status, message = outcome
+        _report_status(status)
         print(f"\n{message}" if status == EXIT_ABORTED else message, file=sys.stderr)
         sys.exit(status)
+    _report_status(0)
     _ignore_interrupts()
+
+
+def _report_status(status: int) -> None:
+    """Write this process's exit status to ``$STAGE_STATUS_DIR/rank<RANK>.status`` when a driver asks for it:
+    under torchrun every failing worker becomes status 1, and the driver reads the real one here."""
+    folder = os.environ.get(STATUS_DIR_VARIABLE)
+    if folder:
+        Path(folder, f"rank{os.environ.get('RANK', '0')}{STATUS_SUFFIX}").write_text(f"{status}\n")
+
+
+def reported_statuses(folder: Path) -> list[int]:
+    """The statuses the ranks of a run wrote into ``folder`` (``_report_status``)."""
+    return [int(path.read_text()) for path in sorted(Path(folder).glob(f"rank*{STATUS_SUFFIX}"))]
 
 

@@ -16,6 +16,28 @@ from tools.training.optimizer import OPTIMIZERS, SCHEDULES
 from tools.training.precision import AMP_CHOICES
 
 SELECT_CHOICES = ("gt", "last")
+RESUME_MODES = ("no", "yes", "auto")  # no: a fresh tag only; yes: continue its checkpoint; auto: whichever fits
+MINUTES_SUFFIX = "m"
+
+
+def checkpoint_interval(text: str | None) -> tuple[int | None, float | None]:
+    """``--checkpoint_every``: ``N`` iterations or ``Nm`` minutes -> ``(iterations, seconds)`` (one is None)."""
+    if text is None:
+        return None, None
+    minutes = text.endswith(MINUTES_SUFFIX)
+    try:
+        value = float(text[:-1]) if minutes else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N (iterations) or Nm (minutes), got {text!r}") from None
+    if not value > 0 or value != value:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return (None, value * 60.0) if minutes else (int(value), None)
+
+
+def checkpoint_every(text: str) -> str:
+    """argparse type of ``--checkpoint_every`` (checked, kept as written)."""
+    checkpoint_interval(text)
+    return text
 
 
 @dataclass(frozen=True)
@@ -36,7 +58,7 @@ class TrainConfig:
     print_ratio: float = 0.1
     select_by: str = "gt"
     experiments_dir: str = "experiments"
-    resume: bool = False
+    resume: str = "no"
     max_iters: int | None = None
     optimizer: str = "sgd"
     eval_every: int = 1
@@ -44,6 +66,7 @@ class TrainConfig:
     schedule: str = "poly"
     warmup_iters: int = 0
     clip_grad_norm: float | None = None
+    checkpoint_every: str | None = None
 
     def __post_init__(self) -> None:
         if not self.tag:
@@ -56,7 +79,11 @@ class TrainConfig:
                 raise UsageError(f"--{name} must be >= 1, got {value}")
         if self.amp not in AMP_CHOICES:
             raise UsageError(f"--amp must be one of {AMP_CHOICES}, got {self.amp!r}")
-        if self.resume and self.overwrite:
+        if isinstance(self.resume, bool):  # the API's True / False
+            object.__setattr__(self, "resume", "yes" if self.resume else "no")
+        if self.resume not in RESUME_MODES:
+            raise UsageError(f"--resume must be one of {RESUME_MODES}, got {self.resume!r}")
+        if self.resume != "no" and self.overwrite:
             raise UsageError("--resume continues the tag's run and --overwrite starts it again: give one")
         if self.select_by not in SELECT_CHOICES:
             raise UsageError(f"--select_by must be one of {SELECT_CHOICES}, got {self.select_by!r}")
@@ -74,7 +101,7 @@ class TrainConfig:
             experiments_dir=str(args.experiments_dir), resume=args.resume,
             max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer, eval_every=args.eval_every,
             overwrite=args.overwrite, schedule=args.schedule, warmup_iters=args.warmup_iters,
-            clip_grad_norm=args.clip_grad_norm,
+            clip_grad_norm=args.clip_grad_norm, checkpoint_every=args.checkpoint_every,
         )
 
     @property
@@ -135,7 +162,12 @@ def add_engine_args(
                        default=best_choice if select_by == "gt" else "last",
                        help=f"{best_choice}: keep the model with the best evaluation score; last: the final epoch's")
     restart = group.add_mutually_exclusive_group()
-    restart.add_argument("--resume", action="store_true",
-                         help="continue the run from models/<tag>.last.pth (same flags otherwise)")
+    restart.add_argument("--resume", nargs="?", const="yes", default="no", choices=RESUME_MODES, metavar="auto",
+                         help="continue the run from models/<tag>.last.pth (same flags otherwise); --resume auto: "
+                              "continue it when there is one, else start (one command for a first start, a "
+                              "torchrun restart and a scheduler's requeue; torchrun's restarts do this by themselves)")
+    group.add_argument("--checkpoint_every", type=checkpoint_every, default=None, metavar="N|Nm",
+                       help="also write the full checkpoint every N iterations or N minutes (default: at each "
+                            "epoch's end and on SIGINT/SIGTERM only); a resume from it equals the uninterrupted run")
     restart.add_argument("--overwrite", action="store_true",
                          help="train from scratch on a tag that already holds a model or checkpoint, replacing them")

@@ -86,11 +86,22 @@ def mean_over_ranks(values: dict[str, float], context: DistContext) -> dict[str,
 
 def any_rank(flag: bool, context: DistContext) -> bool:
     """True on every rank if ``flag`` is true on any rank (so all ranks stop at the same step)."""
+    return any_ranks([flag], context)[0]
+
+
+def any_ranks(flags: list[bool], context: DistContext) -> list[bool]:
+    """Each flag true on every rank if it is true on any rank, in one collective."""
     if not context.is_distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=context.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return list(flags)
+    values = torch.tensor([int(flag) for flag in flags], device=context.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
+
+
+def restarted_by_torchrun() -> bool:
+    """Whether torchrun restarted this worker after a failure (``--max_restarts``): its command is the first
+    start's, so training continues its checkpoint as with ``--resume auto``."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def gather_to_all(value: Any, context: DistContext) -> list[Any]:

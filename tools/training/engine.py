@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,13 +46,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset
 
-from tools.artifacts.files import ArtifactError
-from tools.artifacts.model_card import mark_finished, write_model
+from tools.artifacts.files import ArtifactError, remove_stale_temporaries
+from tools.artifacts.locks import hold_until_exit
+from tools.artifacts.model_card import mark_finished, read_card, write_model
 from tools.artifacts.provenance import run_record
 from tools.cli.arguments import UsageError
-from tools.training.config import TrainConfig
-from tools.training.distributed import (DistContext, any_rank, destroy_distributed, gather_to_all, init_distributed,
-                                        mean_over_ranks)
+from tools.cli.exits import TrainingDiverged
+from tools.training.config import TrainConfig, checkpoint_interval
+from tools.training.distributed import (DistContext, any_rank, any_ranks, destroy_distributed, gather_to_all,
+                                        init_distributed, mean_over_ranks, restarted_by_torchrun)
 from tools.training.logger import TrainingLogger, format_duration
 from tools.training.optimizer import build_scheduler
 from tools.training.precision import resolve_amp
@@ -189,9 +192,12 @@ class Trainer:
         if evaluate is None and config.select_by == "gt":
             raise UsageError("--select_by gt needs an evaluation; this script has none, use --select_by last")
         self.config, self.context, self.paths = config, context, config.paths
-        self._refuse_finished_tag()
-        self.model_config = None if model_config is None else {
-            **model_config, "run": run_record(Path(sys.argv[0]).name, script_args or {}, inputs)}
+        if context.is_main:  # one training run per tag; a killed writer's temporary files go
+            hold_until_exit(self.paths.model_lock(config.tag), f"model {config.tag}")
+            for name in (self.paths.model(config.tag), self.paths.checkpoint(config.tag),
+                         self.paths.model_card(config.tag)):
+                remove_stale_temporaries(name.parent, name.name)
+        self.resuming = self._start_mode() == "resume"
         self.step_fn, self.evaluate = step_fn, evaluate
         self.export_state = export_state or (lambda module: module.state_dict())
         self.script_args = plain_values(script_args or {})
@@ -242,9 +248,16 @@ class Trainer:
         self._stop_signal: str | None = None
         self._notes: list[str] = []
         self._resumed_history: dict[str, list[dict[str, Any]]] | None = None
+        self._checkpoint_iters, self._checkpoint_seconds = checkpoint_interval(config.checkpoint_every)
+        self._last_checkpoint = (0, time.monotonic())  # (iteration, time) of the last checkpoint written
+        self.run_id = uuid.uuid4().hex[:16]  # a resumed run keeps its checkpoint's
         seed_everything(config.seed + context.rank)
-        if config.resume:
+        if self.resuming:
             self._load_checkpoint()
+        # The card's run record: what made the model, with the run's id (a retrained model is a new input).
+        self.model_config = None if model_config is None else {
+            **model_config, "run": run_record(Path(sys.argv[0]).name, script_args or {}, inputs, with_list=True,
+                                              run_id=self.run_id)}
 
     # ------------------------------------------------------------------ public
     def autocast(self) -> AbstractContextManager:
@@ -255,7 +268,7 @@ class Trainer:
 
     def fit(self) -> FitResult:
         """Train ``max_step`` iterations, or until SIGINT/SIGTERM (then save a checkpoint and return)."""
-        self.logger.start(self.global_step, self.max_step, self._resumed_history)
+        self.logger.start(self.global_step, self.max_step, self._resumed_history if self.resuming else None)
         self._log_header()
         self.module.train()
         self._interval_start = time.monotonic()
@@ -294,9 +307,19 @@ class Trainer:
                 self.logger.advance(self.global_step, {"loss": values["loss"]})
                 if self.global_step % self.log_interval == 0:
                     self._log_interval()
-                if any_rank(self._stop_signal is not None, self.context):
+                stop, save = any_ranks([self._stop_signal is not None, self._checkpoint_due()], self.context)
+                if stop:
                     return True
+                if save and self.step_in_epoch < self.steps_per_epoch:  # the epoch's end saves anyway
+                    self._save_checkpoint()
         return False
+
+    def _checkpoint_due(self) -> bool:
+        """``--checkpoint_every``: this many iterations, or minutes, since the last checkpoint."""
+        iteration, written = self._last_checkpoint
+        if self._checkpoint_iters is not None:
+            return self.global_step - iteration >= self._checkpoint_iters
+        return self._checkpoint_seconds is not None and time.monotonic() - written >= self._checkpoint_seconds
 
     def _optimizer_step(self, batches: Iterator[Any]) -> dict[str, float]:
         """Forward/backward over ``accum_steps`` micro-batches, one optimiser and scheduler step.
@@ -313,6 +336,8 @@ class Trainer:
                 self.scaler.scale(outputs["loss"] / accum_steps).backward()
             for name, value in outputs.items():
                 totals[name] = totals.get(name, 0.0) + value.detach().float().reshape(()) / accum_steps
+        if any_rank(not bool(torch.isfinite(totals["loss"])), self.context):
+            self._diverged(float(totals["loss"]))
         self._last_lr = self.optimizer.param_groups[0]["lr"]
         if self.config.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
@@ -322,6 +347,17 @@ class Trainer:
         self.scheduler.step()
         names = list(totals)
         return dict(zip(names, torch.stack([totals[name] for name in names]).tolist()))
+
+    def _diverged(self, loss: float) -> None:
+        """Stop on a non-finite loss before the step corrupts the weights: the model stays unfinished and the
+        last checkpoint is kept."""
+        iteration, _ = self._last_checkpoint
+        kept = (f"the last checkpoint {self.paths.checkpoint(self.config.tag)} (iteration {iteration}) is kept"
+                if self.paths.checkpoint(self.config.tag).is_file() else "no checkpoint was written yet")
+        raise TrainingDiverged(
+            f"training of {self.config.tag} diverged: the loss is {loss} (on some rank) at iteration "
+            f"{self.global_step + 1}; the model is not marked finished and {kept}. Lower --lr, or add "
+            "--clip_grad_norm / --warmup_iters, then start again with --overwrite")
 
     def _gradient_sync(self, synchronise: bool) -> AbstractContextManager:
         """DDP all-reduces gradients only on the last micro-batch of a step."""
@@ -380,15 +416,39 @@ class Trainer:
         if self.model_config is not None:
             mark_finished(self.paths.model(self.config.tag))
 
-    def _refuse_finished_tag(self) -> None:
-        """A fresh run never replaces a tag's model or checkpoint unless ``--overwrite``."""
-        if self.config.resume or self.config.overwrite:
-            return
-        tag = self.config.tag
-        for path, what in ((self.paths.model(tag), "a trained model"), (self.paths.checkpoint(tag), "a checkpoint")):
-            if path.is_file():
-                raise ArtifactError(f"{path}: tag {tag} already holds {what}; continue its run with --resume, "
-                                    "start it again with --overwrite, or choose another --tag")
+    def _start_mode(self) -> str:
+        """``resume`` (continue the tag's checkpoint) or ``fresh``, from ``--resume`` and what the tag holds.
+
+        ``--resume`` (yes) needs a checkpoint; ``--overwrite`` starts again; ``--resume auto`` (and every
+        restart of torchrun's workers, whose command is the first start's) continues a checkpoint when there
+        is one and starts fresh when there is none, over an unfinished model too; without either, a tag that
+        holds a model or checkpoint is refused. A finished model is only ever replaced with ``--overwrite``.
+        """
+        config, tag = self.config, self.config.tag
+        mode = config.resume
+        if mode == "no" and restarted_by_torchrun():
+            mode = "auto"
+        checkpoint, model = self.paths.checkpoint(tag), self.paths.model(tag)
+        if config.overwrite:
+            return "fresh"
+        card = read_card(model)
+        finished = card.get("finished", True) if card is not None else model.is_file() and not checkpoint.is_file()
+        if mode == "yes" or (mode == "auto" and checkpoint.is_file() and not (card and finished)):
+            return "resume"
+        if mode == "auto" and not finished:
+            return "fresh"
+        if finished:
+            raise ArtifactError(f"{model}: tag {tag} already holds a trained model (its run finished: --resume only "
+                                "continues an interrupted one); train it again with --overwrite, or choose another "
+                                "--tag")
+        if checkpoint.is_file():
+            raise ArtifactError(f"{checkpoint}: tag {tag} holds the checkpoint of an interrupted run; continue it "
+                                "with --resume (or --resume auto), start again with --overwrite, or choose another "
+                                "--tag")
+        if model.is_file():
+            raise ArtifactError(f"{model}: tag {tag} holds the unfinished model of a run that stopped before its "
+                                "first checkpoint; start again with --resume auto or --overwrite")
+        return "fresh"
 
     # ------------------------------------------------------------------ logging
     def _log_header(self) -> None:
@@ -397,7 +457,7 @@ class Trainer:
         if "momentum" in self.optimizer.param_groups[0]:
             optimizer += f" (momentum {self.optimizer.param_groups[0]['momentum']}, nesterov {config.nesterov})"
         self.logger.info(
-            f"{'Resumed' if config.resume else 'Started'} {config.tag} at iteration {self.global_step}: "
+            f"{'Resumed' if self.resuming else 'Started'} {config.tag} at iteration {self.global_step}: "
             f"{self.dataset_size} samples, {self.steps_per_epoch} iterations/epoch, {self.max_step} iterations "
             f"({self.num_epochs} epochs); global batch {config.batch_size} = {context.world_size} process(es) x "
             f"{config.accum_steps} accumulation step(s) x {self.micro_batch}; {optimizer}, lr {config.lr}, "
@@ -423,7 +483,8 @@ class Trainer:
         self.logger.info(
             f"Stopped by {self._stop_signal or 'a signal on another rank'} at iteration {self.global_step} "
             f"(epoch {self.epoch + 1}, step {self.step_in_epoch}/{self.steps_per_epoch}); checkpoint "
-            f"{self.paths.checkpoint(self.config.tag)}. Continue with the same command plus --resume."
+            f"{self.paths.checkpoint(self.config.tag)}. Continue with the same command plus --resume (or "
+            "--resume auto)."
         )
 
     def _result(self, interrupted: bool) -> FitResult:
@@ -451,13 +512,16 @@ class Trainer:
             "rng": rng_states,
             "config": plain_values(asdict(self.config)),
             "script_args": self.script_args,
+            "run_id": self.run_id,
         }
         save_checkpoint(state, self.paths.checkpoint(self.config.tag))
+        self._last_checkpoint = (self.global_step, time.monotonic())
 
     def _load_checkpoint(self) -> None:
         path = self.paths.checkpoint(self.config.tag)
         if not path.is_file():
-            raise ArtifactError(f"{path}: no checkpoint to resume from; start the run without --resume")
+            raise ArtifactError(f"{path}: no checkpoint to resume from; start the run without --resume (or with "
+                                "--resume auto, which continues a checkpoint when there is one)")
         state = load_checkpoint(path)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ArtifactError(f"{path}: not a training checkpoint of this engine (format {state.get('format')})")
@@ -474,6 +538,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_score = state["global_step"], state["best_score"]
+        self.run_id = state.get("run_id", self.run_id)
+        self._last_checkpoint = (self.global_step, time.monotonic())
         self._interval.load_state_dict(state["interval"])
         self._resumed_history = state["log_history"]
         rng_states = state["rng"]
