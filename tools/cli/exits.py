@@ -79,9 +79,10 @@ def _outcome(error: BaseException) -> tuple[int, str] | None:
     """Exit status and message of an exception that ends a script, None for one that is a bug."""
     if isinstance(error, (DatasetError, ArtifactError, CheckpointError)):
         return EXIT_ERROR, f"error: {error_message(error)}"
-    if isinstance(error, OSError) and write_failure_advice(error) is not None:
+    advice = write_failure_advice(error) if isinstance(error, OSError) else None
+    if advice is not None:  # a write outside the atomic writer (a log file), or an OSError a library re-raised
         where = f"{error.filename}: " if error.filename else ""
-        return EXIT_ERROR, f"error: {where}{error.strerror or error}; {write_failure_advice(error)}"
+        return EXIT_ERROR, f"error: {where}{error.strerror or error}; {advice}"
     if isinstance(error, UsageError):
         return EXIT_USAGE, f"error: {error}"
     if isinstance(error, TrainingInterrupted):
