@@ -25,6 +25,7 @@ from tools.artifacts.paths import CAM_SUFFIX, cam_experiment_name
 from tools.artifacts.predictions import save_cams
 from tools.cli.arguments import (StageArgumentParser, UsageError, add_shard_args, non_negative_int, parse_bool,
                                  parse_scales, positive_int)
+from tools.cli.cam_limits import check_cam_inputs
 from tools.cli.exits import run_main
 from tools.cli.model_args import add_semformer_args, load_model_config, semformer_config
 from tools.cli.stage_data import (add_dataset_args, add_output_args, dataset_flags, evaluation_domain, open_stage_data,
@@ -72,7 +73,7 @@ def build_segmentor(args: argparse.Namespace, num_classes: int, model_path) -> S
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    data = open_stage_data(args)
+    data = open_stage_data(args, labels=True)
     device = inference_device(args.device)
     model_path = data.paths.model(args.tag)
     segmentor = build_segmentor(args, data.descriptor.num_classes, model_path)
@@ -83,8 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     activations = functools.partial(cam_activations, segmentor, with_cra=args.with_cra, cra_layers=args.cra_layers)
 
     name = cam_experiment_name(args.tag, args.domain, args.scales)
+    ids = rank_shard(shard(data.ids, args.start, args.end))
+    check_cam_inputs(data.reader, ids, args.scales, segmentor.backbone.patch_size, segmentor.num_classes,
+                     segmentor.backbone.num_heads, args.cra_layers if args.with_cra else 1)
     output = open_stage_output(args, data, Path(__file__).name, {"model": ModelInput(model_path)}, name, CAM_SUFFIX,
-                               rank_shard(shard(data.ids, args.start, args.end)), "CAM files")
+                               ids, "CAM files")
     loader = DataLoader(CAMMakingDataset(data.reader, output.todo, args.scales, segmentor.backbone.patch_size),
                         batch_size=None, num_workers=args.num_workers, pin_memory=device.type == "cuda")
     for image_id, keys, size, inputs in tqdm(loader, desc="CAMs", dynamic_ncols=True):

@@ -72,7 +72,7 @@ def make_train_step(args: argparse.Namespace) -> Callable[[nn.Module, tuple], di
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
-    data = open_stage_data(args)
+    data = open_stage_data(args, labels=True)
     with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
         model = build_model(args, num_classes)

@@ -116,7 +116,7 @@ def log_cam_overlay(logger: TrainingLogger, index: int, images: torch.Tensor, ca
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = TrainConfig.from_args(args)
-    data = open_stage_data(args)
+    data = open_stage_data(args, labels=True)
     with training_processes(config.seed) as context:
         num_classes = data.descriptor.num_classes
         segmentor = build_segmentor(args, num_classes)

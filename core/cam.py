@@ -20,6 +20,14 @@ from core.conventions import strided_size
 
 
 NORMALISE_EPSILON = 1e-5
+FLIP_BATCH = 2  # the photo and its horizontal flip run as one batch
+FLOAT_BYTES = 4  # attention probabilities are float32
+ABSOLUTE_SCALE = 20  # a scale above this is an absolute square size (the original's rule)
+# The CRA blocks' attention probabilities of one input may take at most this much memory. The paper's model
+# (DeiT-B: 12 heads, patch 16, 21 class tokens, 4 CRA blocks) needs 3.2 GiB for a 500x375 VOC photo at scale
+# 2.0, 5.7 GiB for VOC's largest (500x500) and 8.5 GiB for a 640x480 COCO photo; the limit leaves room for the
+# block being computed and the model on a 40 GB GPU.
+ATTENTION_LIMIT_BYTES = 16 * 2**30
 
 
 def strided_up_size(height: int, width: int, multiple: int) -> tuple[int, int]:
@@ -30,12 +38,31 @@ def strided_up_size(height: int, width: int, multiple: int) -> tuple[int, int]:
 def scaled_size(height: int, width: int, scale: float, multiple: int) -> tuple[int, int]:
     """The original's per-scale input size: ``ceil(round(side * s) / multiple) * multiple``.
 
-    A scale above 20 is an absolute square size, as in the original.
+    A scale above 20 is an absolute square size, as in the original. A side that a small scale would
+    round to 0 px (a 1-pixel-high photo at scale 0.5) keeps one patch.
     """
-    if scale > 20:
+    if scale > ABSOLUTE_SCALE:
         return int(scale), int(scale)
-    return (math.ceil(round(height * scale) / multiple) * multiple,
-            math.ceil(round(width * scale) / multiple) * multiple)
+    return (math.ceil(max(round(height * scale), 1) / multiple) * multiple,
+            math.ceil(max(round(width * scale), 1) / multiple) * multiple)
+
+
+def attention_tokens(input_size: tuple[int, int], patch_size: int, prefix_tokens: int) -> int:
+    """Tokens of one ``(H, W)`` input: the class tokens plus the patch grid (sides rounded up to the patch
+    size, as the backbone pads)."""
+    return prefix_tokens + math.ceil(input_size[0] / patch_size) * math.ceil(input_size[1] / patch_size)
+
+
+def cra_attention_bytes(input_size: tuple[int, int], patch_size: int, prefix_tokens: int, heads: int,
+                        blocks: int) -> int:
+    """Memory of the attention probabilities CAM inference keeps for one ``(H, W)`` input:
+    ``2 (photo and flip) x blocks x heads x tokens^2 x 4 bytes``."""
+    return FLIP_BATCH * blocks * heads * attention_tokens(input_size, patch_size, prefix_tokens) ** 2 * FLOAT_BYTES
+
+
+def max_attention_tokens(heads: int, blocks: int) -> int:
+    """The most tokens an input may have for ``cra_attention_bytes`` to stay within ``ATTENTION_LIMIT_BYTES``."""
+    return math.isqrt(ATTENTION_LIMIT_BYTES // (FLIP_BATCH * blocks * heads * FLOAT_BYTES))
 
 
 def cam_activations(segmentor: nn.Module, batch: torch.Tensor, with_cra: bool,

@@ -1,6 +1,7 @@
 """Reading weight files and checking them against a model's state dict, with errors that name the problem."""
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from core.errors import CheckpointError
 
 SAFETENSORS_SUFFIX = ".safetensors"
+UNSAFE_LOADING = "weights_only"  # torch's advice to unpickle a refused file is never passed on
 LISTED_KEYS = 10  # keys named per kind of problem in an error message
 IMAGENET_WEIGHTS = "IMAGENET1K_V1"  # torchvision's original ImageNet weights of every ResNet
 TRACKING_SUFFIX = "num_batches_tracked"  # a BatchNorm counter FrozenBatchNorm2d does not keep
@@ -32,8 +34,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch and safetensors raise many types for damaged files
-        first_line = str(error).strip().split("\n", 1)[0]
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {first_line})") from error
+        raise unreadable_checkpoint(path, error) from error
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):
         state = state["model"]
     if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
@@ -41,6 +42,18 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             f"{path}: expected a state dict of tensors (or {{'model': state_dict}}), found {type(state).__name__}"
         )
     return dict(state)
+
+
+def unreadable_checkpoint(path: Path, error: Exception) -> CheckpointError:
+    """The error of a weight file ``torch.load(weights_only=True)`` or safetensors cannot read. Torch's
+    message for a file its safe unpickler refuses recommends ``weights_only=False``, which runs whatever code
+    the file holds: it is replaced by what the file is not; other messages keep their first sentence."""
+    if isinstance(error, pickle.UnpicklingError) or UNSAFE_LOADING in str(error):
+        reason = "not a torch archive of tensors and plain values"
+    else:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0].split('. ')[0]}"
+    return CheckpointError(f"{path}: cannot read the checkpoint: not a readable checkpoint ({reason}); it is damaged, "
+                           "truncated or another kind of file: remake it, or copy it again from its source")
 
 
 def _listed(keys: list[str]) -> str:

@@ -2,6 +2,7 @@
 diverged model marked finished, one command for every start (first start, torchrun restart, requeue)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -216,3 +217,20 @@ def test_checkpoint_every_takes_iterations_or_minutes():
     for bad in ("0", "-3m", "ten", "5s"):
         with pytest.raises(Exception, match="expected N|must be positive"):
             checkpoint_interval(bad)
+
+
+def test_the_pipeline_keeps_a_workers_usage_status_through_torchrun(synthetic_dataset, tmp_path):
+    """torchrun ends with 1 whatever its worker's status; the driver reads the worker's own (2 here)."""
+    recipe = {"dataset": "{data_dir}/dataset.json", "data_dir": str(synthetic_dataset.parent), "stages": [
+        {"name": "maps", "title": "DeepLab maps", "distributed": True,
+         "command": "inference_segmentation.py --domain val --tag D --submission --end 0.5",
+         "output": {"folder": "D@val", "suffix": ".png", "domain": "val"}}]}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    result = subprocess.run([sys.executable, "run_pipeline.py", "--recipe", str(path), "--gpus", "1",
+                             "--experiments_dir", str(tmp_path / "exp")], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == EXIT_USAGE, result.stderr
+    assert "stage command failed (2)" in result.stderr and "torch.distributed.run" in result.stderr
+    log = (tmp_path / "exp" / "logs" / "pipeline@recipe" / "maps.log").read_text()
+    assert "error: --submission packs the whole list" in log

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Write one ``<id>.npz`` per id of the domain; returns the output folder."""
     args = parse_args(argv)
-    data = open_stage_data(args)
+    data = open_stage_data(args, labels=True)
     output_dir = data.paths.predictions(args.experiment_name)
     claim_output_folder(output_dir, run_record("tools/baseline_cams.py", args), CAM_SUFFIX, overwrite=True)
     for image_id in tqdm(data.ids, desc=f"baseline CAMs ({args.kind})"):

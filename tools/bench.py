@@ -51,6 +51,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
@@ -83,6 +84,7 @@ def run_job(job: Job, context: BaseContext) -> dict[str, Any]:
     stage = STAGES[job.stage]
     bench = job.bench
     row = {"stage": job.stage, "config": job.config, "device": job.device, "amp": job.amp, "jobs": job.jobs,
+           "script_flags": " ".join(job.script_flags) or None,
            "batch": job.batch_size if stage.training else bench.batch,
            "size": stage.size_format.format(*bench.size) if bench.size else None, "steps": bench.steps,
            "warmup": bench.warmup, "repeats": job.repeats, "unit": stage.unit, "throughput": None,
@@ -142,6 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=None, help="timed calls (default: the config's)")
     parser.add_argument("--warmup", type=non_negative_int, default=None, help="untimed calls before them (default: the config's)")
     parser.add_argument("--batch_size", type=positive_int, default=None, help="of the training stages")
+    parser.add_argument("--script_flags", type=shlex.split, default=(), metavar="'FLAGS'",
+                        help="more flags of the training and CAM stages' scripts, e.g. '--backbone "
+                             "vit_small_patch14_reg4_dinov2' (SemFormer) or '--ae_backbone ...'")
     parser.add_argument("--jobs", type=positive_int, default=None,
                         help="evaluation processes (default: a row with 1 and one with every core)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads of every row")
@@ -192,7 +197,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
         for amp in amp_settings(stage, args, torch.device(device)):
             for count in job_counts if stage_name == "evaluation" else [None]:
                 jobs.append(Job(stage_name, size, bench, device, amp, count, args.threads, args.grad_checkpointing,
-                                args.batch_size if stage.training else None, args.repeat))
+                                args.batch_size if stage.training else None, args.repeat, tuple(args.script_flags)))
     return jobs
 
 
@@ -237,7 +242,8 @@ def table_row(row: dict[str, Any]) -> str:
     if row.get("iterations_per_s") is not None:
         rate += f" ({number(row['iterations_per_s'])} it/s)"
     cells = [row["stage"], row["config"], row["device"], row["amp"] or "-", row["jobs"] or "-", row["batch"],
-             row["size"], rate, number(row["seconds_per_call"]), number(row["peak_memory_mib"]), row["note"] or ""]
+             row["size"], rate, number(row["seconds_per_call"]), number(row["peak_memory_mib"]),
+             "; ".join(filter(None, (row.get("script_flags"), row["note"])))]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 

@@ -25,6 +25,7 @@ from tools.artifacts.files import atomic_path
 from tools.artifacts.model_card import describe_model, write_card
 from tools.cli.arguments import StageArgumentParser
 from tools.cli.exits import run_main
+from tools.training.state import write_tensors
 
 KINDS = ("semformer", "caae")
 # Tensors the original saved but never used.
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     except CheckpointError as error:
         raise CheckpointError(f"{args.input}: {error}") from error
     with atomic_path(args.output) as temporary:
-        torch.save(ours, temporary)
+        write_tensors(ours, temporary)
     config = {**_class_shape(args.kind, state_dict), **model_kwargs_from_args(args)}
     write_card(args.output, describe_model(args.kind, config.pop("num_classes"), config))  # what later stages rebuild
     print(f"{args.input} -> {args.output} (+ {args.output.with_suffix('.json').name})")

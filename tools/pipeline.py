@@ -50,6 +50,7 @@ QUIET_PROGRESS_SECONDS = 30.0  # progress lines when the terminal is not interac
 FAILURE_TAIL_LINES = 30
 DEFAULT_EXPERIMENTS = "experiments"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+TORCHRUN_MODULE = "torch.distributed.run"  # the module behind the torchrun command
 
 
 @dataclass(frozen=True)
@@ -141,10 +142,13 @@ def select(stages: list[Stage], first: str | None, last: str | None) -> list[Sta
 
 # ----------------------------------------------------------------------------- commands
 def command(stage: Stage, settings: Settings, extra: list[str] = ()) -> list[str]:
-    """The full command line of a stage (under ``torchrun`` when it is distributed and ``--gpus`` > 0)."""
+    """The full command line of a stage: under ``torchrun`` when it is distributed and ``--gpus`` > 0, as the
+    interpreter's own launcher module (``python -m torch.distributed.run``, what ``torchrun`` runs), so it
+    works when the virtual environment's ``bin/`` is not on ``PATH``."""
     arguments = [*stage.argv, *settings.common_flags(), *extra]
     if stage.distributed and settings.gpus > 0:
-        return ["torchrun", "--standalone", f"--nproc_per_node={settings.gpus}", *arguments]
+        return [settings.python, "-m", TORCHRUN_MODULE, "--standalone", f"--nproc_per_node={settings.gpus}",
+                *arguments]
     return [settings.python, *arguments]
 
 

@@ -3,6 +3,7 @@ place, so a killed run never leaves a truncated file that a rerun would mistake 
 Also the readers of the small files every stage shares (JSON records, label PNGs)."""
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -16,10 +17,32 @@ from PIL import Image
 
 FILE_MODE = 0o666  # before the umask, as open() creates files
 TEMPORARY_SUFFIX = ".tmp"  # atomic_path's temporary files: .<name>.<random>.tmp beside the target
+FREE_SPACE = ("free space there or pass --experiments_dir on another disk, then rerun the same command (training: "
+              "plus --resume auto); finished files are kept")
+WRITABLE = ("make the folder writable or pass --experiments_dir elsewhere, then rerun the same command (training: "
+            "plus --resume auto); finished files are kept")
+WRITE_FAILURES = {  # errno of a failed write -> what to do
+    errno.ENOSPC: FREE_SPACE,
+    errno.EDQUOT: FREE_SPACE,
+    errno.EROFS: WRITABLE,
+    errno.EACCES: WRITABLE,
+}
 
 
 class ArtifactError(ValueError):
     """A missing, incomplete or unreadable artifact: the message names the file."""
+
+
+class IncompleteWrite(OSError):
+    """A library's own report that its bytes did not reach the file (torch's stream writer), errno unknown."""
+
+
+def write_failure_advice(error: OSError) -> str | None:
+    """What to do about a failed write (disk full, quota, read-only or forbidden folder, a writer's own
+    failure report); None for an ``OSError`` that is not one of these."""
+    if isinstance(error, IncompleteWrite):
+        return f"the disk may be full or over quota: {FREE_SPACE}"
+    return WRITE_FAILURES.get(error.errno)
 
 
 
@@ -31,18 +54,27 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A failed write (``write_failure_advice``) becomes an ``ArtifactError`` naming ``path`` and what to do,
+    and the temporary file is removed: the previous ``path``, if any, stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    os.close(handle)
-    temporary = Path(temporary)
-    os.chmod(temporary, FILE_MODE & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
+    temporary: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+        os.close(handle)
+        temporary = Path(name)
+        os.chmod(temporary, FILE_MODE & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        advice = write_failure_advice(error)
+        if advice is None:
+            raise
+        raise ArtifactError(f"{path}: cannot write it ({error.strerror or error}); {advice}") from error
     finally:
-        if temporary.exists():
+        if temporary is not None and temporary.exists():
             temporary.unlink()
 
 

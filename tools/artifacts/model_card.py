@@ -59,10 +59,12 @@ def write_card(model_path: str | Path, card: dict[str, Any]) -> None:
 
 
 def write_model(model_path: str | Path, card: dict[str, Any], write_weights: Callable[[Path], None]) -> None:
-    """Weights (``write_weights(temporary path)``) and card written to temporary files, then both renamed."""
-    with atomic_path(model_path) as weights, atomic_path(card_path(model_path)) as description:
+    """Weights (``write_weights(temporary path)``) and card written to temporary files, then both renamed
+    (the card first, as before). A failed write names the file it was writing."""
+    with atomic_path(model_path) as weights:
         write_weights(weights)
-        description.write_text(_text(card))
+        with atomic_path(card_path(model_path)) as description:
+            description.write_text(_text(card))
 
 
 def mark_finished(model_path: str | Path) -> None:

@@ -42,6 +42,7 @@ class Job:
     grad_checkpointing: bool
     batch_size: int | None
     repeats: int
+    script_flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,8 @@ def measure(job: Job) -> Measurement:
         torch.cuda.reset_peak_memory_stats(device)
     baseline = peak_rss_mib()
     with ExitStack() as cleanup:
-        setup = Setup(device, job.amp or "off", job.jobs, job.grad_checkpointing, job.batch_size, cleanup)
+        setup = Setup(device, job.amp or "off", job.jobs, job.grad_checkpointing, job.batch_size, cleanup,
+                      job.script_flags)
         prepared = STAGES[job.stage].prepare(job.bench, setup)
         seconds = timed_seconds(prepared.run, job.bench.steps, job.bench.warmup, device)
         peak = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else peak_rss_mib() - baseline

@@ -75,6 +75,7 @@ class Setup:
     grad_checkpointing: bool
     batch_size: int | None
     cleanup: ExitStack
+    script_flags: tuple[str, ...] = ()  # more flags of the training script (another --backbone, say)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ Prepare = Callable[[Bench, Setup], Prepared]
 def training_args(script: str, bench: Bench, setup: Setup, *extra: str) -> argparse.Namespace:
     """The script's ``parse_args`` of the config's flags (plus random init, ``--grad_checkpointing`` and
     ``--batch_size`` when asked)."""
-    flags = [*bench.flags, *NO_WEIGHTS, "--tag", BENCH_TAG, *extra]
+    flags = [*bench.flags, *NO_WEIGHTS, "--tag", BENCH_TAG, *setup.script_flags, *extra]
     if setup.grad_checkpointing and script in ("train_caae", "train_semformer"):
         flags.append("--grad_checkpointing")
     if setup.batch_size:
@@ -191,7 +192,8 @@ def prepare_cam(bench: Bench, setup: Setup) -> Prepared:
     photo's scaled inputs (which its DataLoader workers resize ahead of the model, so outside the timing)
     moved to the device, and ``multiscale_cams``."""
     folder = Path(setup.cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bench-cam-")))
-    train_args = stage_script("train_semformer").parse_args([*bench.flags, *NO_WEIGHTS, "--ae_tag", BENCH_TAG])
+    train_args = stage_script("train_semformer").parse_args([*bench.flags, *NO_WEIGHTS, "--ae_tag", BENCH_TAG,
+                                                             *setup.script_flags])
     segmentor = stage_script("train_semformer").build_segmentor(train_args, NUM_CLASSES)
     model_path = ExperimentPaths(folder).model(BENCH_TAG)
     weights = {SEGMENTOR_PREFIX + key: value for key, value in segmentor.state_dict().items()}

@@ -3,7 +3,8 @@
 Exit statuses of every script (``run_main``):
 
 - 0: done;
-- 1 (``EXIT_ERROR``): bad input, a one-line ``error: <file or flag>: <problem>`` on stderr;
+- 1 (``EXIT_ERROR``): bad input, a one-line ``error: <file or flag>: <problem>`` on stderr; also a write
+  that failed (disk full, quota, read-only or forbidden folder), naming the file and what to do;
 - 2 (``EXIT_USAGE``): bad flags (argparse's usage error, or flags that do not fit together: ``UsageError``);
 - 3 (``EXIT_INTERRUPTED``): a training run stopped by SIGINT/SIGTERM after saving its checkpoint:
   the same command plus ``--resume`` continues it;
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.errors import CheckpointError
-from tools.artifacts.files import ArtifactError
+from tools.artifacts.files import ArtifactError, write_failure_advice
 from tools.cli.arguments import UsageError
 from tools.data.descriptor import DatasetError
 
@@ -86,6 +87,10 @@ def _outcome(error: BaseException) -> tuple[int, str] | None:
     """Exit status and message of an exception that ends a script, None for one that is a bug."""
     if isinstance(error, (DatasetError, ArtifactError, CheckpointError, TrainingDiverged)):
         return EXIT_ERROR, f"error: {error_message(error)}"
+    advice = write_failure_advice(error) if isinstance(error, OSError) else None
+    if advice is not None:  # a write outside the atomic writer (a log file), or an OSError a library re-raised
+        where = f"{error.filename}: " if error.filename else ""
+        return EXIT_ERROR, f"error: {where}{error.strerror or error}; {advice}"
     if isinstance(error, UsageError):
         return EXIT_USAGE, f"error: {error}"
     if isinstance(error, TrainingInterrupted):

@@ -51,11 +51,15 @@ class StageData:
     paths: ExperimentPaths
 
 
-def open_stage_data(args: argparse.Namespace) -> StageData:
-    """Descriptor, reader and id list from the ``add_dataset_args`` flags."""
+def open_stage_data(args: argparse.Namespace, labels: bool = False) -> StageData:
+    """Descriptor, reader and id list from the ``add_dataset_args`` flags. Every id's photo (and, for a
+    stage that reads image-level ``labels``, its annotation where the layout has one) is checked before any
+    work starts, naming the first missing one: a ``stat`` per file, about 0.2 s for VOC's 10,582 ids on a
+    local disk."""
     descriptor = load_descriptor(args.dataset)
     reader = make_reader(descriptor, args.data_dir)
     ids = read_id_list(args.list) if args.list else descriptor.read_ids(args.domain)
+    reader.validate(ids, labels)
     return StageData(descriptor, reader, ids, ExperimentPaths(Path(args.experiments_dir)))
 
 

@@ -68,8 +68,9 @@ class COCOReader(VOCReader):
         """Class names of the image's labels, one per class (the index keeps no instance count)."""
         return [self.descriptor.class_names[class_id] for class_id in self.entry(image_id).labels]
 
-    def validate(self, ids: list[str]) -> None:
-        """Fail early, naming the first id that the index lacks or whose photo is missing."""
+    def validate(self, ids: list[str], labels: bool = True) -> None:
+        """Fail before any work, naming the first id that the index lacks or whose photo is missing (the
+        labels are in the index: ``labels`` needs no file)."""
         for image_id in ids:
             path = self.image_path(image_id)
             if not path.is_file():

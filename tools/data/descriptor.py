@@ -24,6 +24,7 @@ FOLDER_KEYS = ("image_dir", "annotation_dir", "mask_dir", "aug_mask_dir")
 VOC_LAYOUT = "voc"
 COCO_LAYOUT = "coco"  # photos and labels from an index file (tools.data.coco), masks in mask_dir
 LAYOUTS = (VOC_LAYOUT, COCO_LAYOUT)
+LIST_ENCODING = "utf-8-sig"  # UTF-8, without the byte-order mark Windows editors put first
 
 
 class DatasetError(ValueError):
@@ -107,20 +108,26 @@ class DatasetDescriptor:
 
 
 def read_id_list(path: str | Path) -> list[str]:
-    """One id per line (the first word; blank lines skipped). An empty or missing list, or an id that is
-    not a plain file name (every stage writes ``<folder>/<id>.<suffix>``), is an error."""
+    """One id per line (the first word; blank lines skipped; a UTF-8 byte-order mark, which some editors
+    write, is dropped). An empty or missing list, an id that is not a plain file name (every stage writes
+    ``<folder>/<id>.<suffix>``), or an id listed twice (a stage would use it twice) is an error."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: list file not found")
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding=LIST_ENCODING).splitlines()
     except UnicodeDecodeError as error:
         raise DatasetError(f"{path}: not a text list of ids ({error})") from error
     ids = [line.split()[0] for line in lines if line.strip()]
     if not ids:
         raise DatasetError(f"{path}: list file is empty")
+    first_seen: dict[str, int] = {}
     for number, image_id in enumerate(ids, start=1):
         check_image_id(image_id, f"{path}, id {number}")
+        if image_id in first_seen:
+            raise DatasetError(f"{path}: id '{image_id}' is listed twice (ids {first_seen[image_id]} and {number}); "
+                               "remove the repeat, each id is used once")
+        first_seen[image_id] = number
     return ids
 
 

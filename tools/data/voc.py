@@ -111,10 +111,14 @@ class VOCReader:
         except Exception as error:
             raise DatasetError(f"{path}: unreadable image ({error})") from error
 
-    def validate(self, ids: list[str]) -> None:
-        """Fail early, naming the first id whose image or annotation is missing."""
+    def validate(self, ids: list[str], labels: bool = True) -> None:
+        """Fail before any work, naming the first id whose photo (or, with ``labels``, XML annotation) is
+        missing: one ``stat`` per file, no decoding."""
         for image_id in ids:
-            for kind, path in (("image", self.image_path(image_id)), ("annotation", self.annotation_path(image_id))):
+            paths = [("image", self.image_path(image_id))]
+            if labels:
+                paths.append(("annotation", self.annotation_path(image_id)))
+            for kind, path in paths:
                 if not path.is_file():
                     raise DatasetError(f"{path}: {kind} of id '{image_id}' is missing")
 

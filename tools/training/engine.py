@@ -61,7 +61,7 @@ from tools.training.precision import resolve_amp
 from tools.training.sampling import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
                                      seed_everything)
 from tools.training.state import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
-                                  restore_rng_state, save_checkpoint)
+                                  restore_rng_state, save_checkpoint, write_tensors)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 CHECKPOINT_FORMAT = 1
@@ -409,7 +409,7 @@ class Trainer:
             save_checkpoint(self.export_state(self.module), path)
             return
         write_model(path, {**self.model_config, "finished": False},
-                    lambda weights: torch.save(dict(self.export_state(self.module)), weights))
+                    lambda weights: write_tensors(self.export_state(self.module), weights))
 
     def _mark_finished(self) -> None:
         """``"finished": true`` in the model card once the last iteration is done (the weights stay)."""

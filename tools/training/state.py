@@ -13,15 +13,29 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tools.artifacts.files import ArtifactError, atomic_path
+from core.checkpoint import unreadable_checkpoint
+from tools.artifacts.files import ArtifactError, IncompleteWrite, atomic_path
 
 PLAIN_TYPES = (bool, int, float, str, type(None))
+STREAM_WRITER_FAILURES = ("PytorchStreamWriter", "inline_container")  # torch's words for a write that failed
+
+
+def write_tensors(content: Mapping[str, Any], temporary: Path) -> None:
+    """``torch.save`` into ``atomic_path``'s temporary file. Torch reports a write that did not reach the disk
+    (full, over quota) as a ``RuntimeError`` of its stream writer: it becomes an ``IncompleteWrite``, which
+    ``atomic_path`` turns into one line naming the file."""
+    try:
+        torch.save(dict(content), temporary)
+    except RuntimeError as error:
+        if not any(marker in str(error) for marker in STREAM_WRITER_FAILURES):
+            raise
+        raise IncompleteWrite(f"torch's writer failed: {str(error).strip().splitlines()[0]}") from error
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary file next to ``path``, then rename it onto ``path``."""
     with atomic_path(path) as temporary:
-        torch.save(dict(state), temporary)
+        write_tensors(state, temporary)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -31,8 +45,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{path}: checkpoint not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ArtifactError(f"{path}: cannot read checkpoint ({error})") from error
+    except Exception as error:  # torch raises many types for damaged files
+        raise unreadable_checkpoint(path, error) from error
 
 
 def capture_rng_state() -> dict[str, Any]:
