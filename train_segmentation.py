@@ -45,7 +45,6 @@ from tools.training.engine import Trainer, training_processes
 from tools.training.optimizer import build_optimizer, parameter_groups
 from tools.training.selection import segmentation_selection_score
 
-
 AUTO_BN = "auto"  # --backbone_bn: frozen with pretrained weights, train from random init
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -7,7 +7,6 @@ normalised image.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block

@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from core.conventions import strided_size
 
-
 NORMALISE_EPSILON = 1e-5
 FLIP_BATCH = 2  # the photo and its horizontal flip run as one batch
 FLOAT_BYTES = 4  # attention probabilities are float32

@@ -37,7 +37,8 @@ from tools.artifacts.folders import missing_ids
 from tools.artifacts.model_card import read_card
 from tools.artifacts.paths import ExperimentPaths
 from tools.artifacts.provenance import read_run, stale_reasons
-from tools.cli.exits import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, STATUS_DIR_VARIABLE, CommandFailed, reported_statuses
+from tools.cli.exits import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, STATUS_DIR_VARIABLE, CommandFailed,
+                             reported_statuses)
 from tools.cli.presets import recipe_variables
 from tools.cli.repository import REPOSITORY, stage_script
 from tools.data.descriptor import load_descriptor

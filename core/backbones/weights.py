@@ -21,7 +21,7 @@ import timm
 from timm.models import get_pretrained_cfg, load_state_dict
 from torch import Tensor, nn
 
-from core.checkpoint import load_strict
+from core.checkpoint import load_strict, unreadable_checkpoint
 from core.errors import CheckpointError
 
 PRETRAINED_TIMM = "timm"
@@ -73,7 +73,6 @@ def load_weight_file(
     try:
         state = checkpoint_filter(load_state_dict(str(path)), model)
     except Exception as error:  # torch, safetensors and the converters raise many types for damaged files
-        first_line = str(error).strip().split("\n", 1)[0]
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(error).__name__}: {first_line})") from error
+        raise unreadable_checkpoint(Path(path), error) from error
     state = {key: value for key, value in state.items() if not key.startswith(CLASSIFIER_PREFIXES)}
     load_strict(model, state, path)

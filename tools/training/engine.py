@@ -48,16 +48,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from tools.artifacts.files import ArtifactError, remove_stale_temporaries
 from tools.artifacts.locks import hold_until_exit
-from tools.artifacts.model_card import mark_finished, read_card, write_model
+from tools.artifacts.model_card import mark_finished, write_model
 from tools.artifacts.provenance import run_record
 from tools.cli.arguments import UsageError
 from tools.cli.exits import TrainingDiverged
 from tools.training.config import TrainConfig, checkpoint_interval
 from tools.training.distributed import (DistContext, any_rank, any_ranks, destroy_distributed, gather_to_all,
-                                        init_distributed, mean_over_ranks, restarted_by_torchrun)
+                                        init_distributed, mean_over_ranks)
 from tools.training.logger import TrainingLogger, format_duration
 from tools.training.optimizer import build_scheduler
 from tools.training.precision import resolve_amp
+from tools.training.resume import start_mode
 from tools.training.sampling import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
                                      seed_everything)
 from tools.training.state import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
@@ -197,7 +198,7 @@ class Trainer:
             for name in (self.paths.model(config.tag), self.paths.checkpoint(config.tag),
                          self.paths.model_card(config.tag)):
                 remove_stale_temporaries(name.parent, name.name)
-        self.resuming = self._start_mode() == "resume"
+        self.resuming = start_mode(config, self.paths) == "resume"
         self.step_fn, self.evaluate = step_fn, evaluate
         self.export_state = export_state or (lambda module: module.state_dict())
         self.script_args = plain_values(script_args or {})
@@ -415,40 +416,6 @@ class Trainer:
         """``"finished": true`` in the model card once the last iteration is done (the weights stay)."""
         if self.model_config is not None:
             mark_finished(self.paths.model(self.config.tag))
-
-    def _start_mode(self) -> str:
-        """``resume`` (continue the tag's checkpoint) or ``fresh``, from ``--resume`` and what the tag holds.
-
-        ``--resume`` (yes) needs a checkpoint; ``--overwrite`` starts again; ``--resume auto`` (and every
-        restart of torchrun's workers, whose command is the first start's) continues a checkpoint when there
-        is one and starts fresh when there is none, over an unfinished model too; without either, a tag that
-        holds a model or checkpoint is refused. A finished model is only ever replaced with ``--overwrite``.
-        """
-        config, tag = self.config, self.config.tag
-        mode = config.resume
-        if mode == "no" and restarted_by_torchrun():
-            mode = "auto"
-        checkpoint, model = self.paths.checkpoint(tag), self.paths.model(tag)
-        if config.overwrite:
-            return "fresh"
-        card = read_card(model)
-        finished = card.get("finished", True) if card is not None else model.is_file() and not checkpoint.is_file()
-        if mode == "yes" or (mode == "auto" and checkpoint.is_file() and not (card and finished)):
-            return "resume"
-        if mode == "auto" and not finished:
-            return "fresh"
-        if finished:
-            raise ArtifactError(f"{model}: tag {tag} already holds a trained model (its run finished: --resume only "
-                                "continues an interrupted one); train it again with --overwrite, or choose another "
-                                "--tag")
-        if checkpoint.is_file():
-            raise ArtifactError(f"{checkpoint}: tag {tag} holds the checkpoint of an interrupted run; continue it "
-                                "with --resume (or --resume auto), start again with --overwrite, or choose another "
-                                "--tag")
-        if model.is_file():
-            raise ArtifactError(f"{model}: tag {tag} holds the unfinished model of a run that stopped before its "
-                                "first checkpoint; start again with --resume auto or --overwrite")
-        return "fresh"
 
     # ------------------------------------------------------------------ logging
     def _log_header(self) -> None:
