@@ -3,7 +3,8 @@
     python inference_rw.py --model_name AffinityNet@SemFormer \
         --cam_dir SemFormer@CAAE@DeiT-B-Dist@train@scale=0.5,1.0,1.5,2.0 --domain train_aug
 
-reads ``experiments/models/<model_name>.pth`` and the CAMs' ``cam`` arrays, and writes
+reads ``experiments/models/<model_name>.pth`` and the CAMs' ``cam`` arrays (``--cam_dir``: a name under
+``predictions/`` or a path; a folder without ``run.json`` needs ``--external``), and writes
 ``experiments/predictions/<model_name>@train@beta=10@exp_times=8@rw/<id>.npz`` with ``keys`` and
 ``rw (n, H, W)``. Defaults reproduce the original (radius 5 although training used 10, no background
 channel, one global max); ``--background`` and ``--normalize per_class`` are the common variants.
@@ -25,7 +26,8 @@ from tools.artifacts.predictions import load_prediction, save_walk
 from tools.cli.arguments import StageArgumentParser, add_shard_args, non_negative_int, positive_float, positive_int
 from tools.cli.exits import run_main
 from tools.cli.model_args import load_model_config
-from tools.cli.stage_data import add_dataset_args, add_output_args, dataset_flags, open_stage_data, rank_shard, shard
+from tools.cli.stage_data import (add_dataset_args, add_output_args, dataset_flags, open_stage_data, prediction_folder,
+                                  rank_shard, shard)
 from tools.cli.stage_outputs import FolderInput, ModelInput, open_stage_output
 from tools.data.transforms import normalize
 from tools.training.distributed import add_device_arg, inference_device
@@ -34,7 +36,7 @@ from tools.training.distributed import add_device_arg, inference_device
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = StageArgumentParser(description=__doc__)
     parser.add_argument("--model_name", required=True, help="AffinityNet tag under experiments/models/")
-    parser.add_argument("--cam_dir", required=True, help="CAM experiment under experiments/predictions/")
+    parser.add_argument("--cam_dir", required=True, help="CAM experiment under experiments/predictions/, or a path")
     add_dataset_args(parser)
     parser.add_argument("--architecture", default="resnet50",
                         help="AffinityNet backbone, if experiments/models/<model_name>.json does not say")
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
     device = inference_device(args.device)
-    cam_dir = data.paths.predictions(args.cam_dir)
+    cam_dir = prediction_folder(data.paths, args.cam_dir)
     model_path = data.paths.model(args.model_name)
     architecture = load_model_config(model_path, "affinitynet", {"backbone": args.architecture})["backbone"]
     model = AffinityNet(architecture)

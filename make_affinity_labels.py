@@ -4,7 +4,8 @@
 
 reads ``experiments/predictions/<cam experiment>/<id>.npz`` (``keys``, ``hr_cam``) and writes
 ``experiments/predictions/<cam experiment>@aff_fg=0.11_bg=0.15/<id>.png`` (0 background,
-class ids, 255 uncertain).
+class ids, 255 uncertain). ``--experiment_name`` may be a path to a CAM folder anywhere (named after its
+last component); one without ``run.json`` needs ``--external``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from tools.artifacts.paths import CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, p
 from tools.artifacts.predictions import load_prediction
 from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int
 from tools.cli.exits import run_main
-from tools.cli.stage_data import add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data
+from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
+                                  prediction_folder)
 from tools.cli.stage_outputs import FolderInput, run_label_jobs
 from tools.data.voc import VOCReader
 from tools.scoring.labels import AFFINITY_CRF_ITERATIONS, affinity_label
@@ -30,7 +32,7 @@ FG_THRESHOLD, BG_THRESHOLD = 0.11, 0.15  # the paper's: confident foreground abo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = StageArgumentParser(description=__doc__)
-    parser.add_argument("--experiment_name", required=True, help="CAM folder under experiments/predictions/")
+    parser.add_argument("--experiment_name", required=True, help="CAM folder under experiments/predictions/, or a path")
     add_dataset_args(parser)
     parser.add_argument("--fg_threshold", type=finite_float, default=FG_THRESHOLD)
     parser.add_argument("--bg_threshold", type=finite_float, default=BG_THRESHOLD)
@@ -67,12 +69,12 @@ def make_one(job: Job, image_id: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
-    cam_dir = data.paths.predictions(args.experiment_name)
+    cam_dir = prediction_folder(data.paths, args.experiment_name)
     command = f"python inference_semformer.py --domain {args.domain} {dataset_flags(args)} ..."
     fg, bg = args.fg_threshold, args.bg_threshold
     if args.swap_thresholds:
         fg, bg = max(fg, bg), min(fg, bg)
-    name = affinity_label_name(args.experiment_name, args.fg_threshold, args.bg_threshold)
+    name = affinity_label_name(cam_dir.name, args.fg_threshold, args.bg_threshold)
     if args.swap_thresholds:
         name += "@swapped"
     out_dir = data.paths.predictions(name)

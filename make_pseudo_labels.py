@@ -4,7 +4,8 @@
 
 reads ``experiments/predictions/<experiment>/<id>.npz`` (``rw``, else ``hr_cam``), thresholds the
 background at 0.25, refines with a label CRF and writes palette PNGs (values 0..C-1, no ignore) to
-``experiments/predictions/<experiment>@crf=<n>/<id>.png``.
+``experiments/predictions/<experiment>@crf=<n>/<id>.png``. ``--experiment_name`` may be a path to a folder
+anywhere (named after its last component); one without ``run.json`` needs ``--external``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from tools.artifacts.paths import CAM_SUFFIX, PNG_SUFFIX, prediction_file, pseud
 from tools.artifacts.predictions import load_prediction, score_maps
 from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int
 from tools.cli.exits import run_main
-from tools.cli.stage_data import add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data
+from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
+                                  prediction_folder)
 from tools.cli.stage_outputs import FolderInput, run_label_jobs
 from tools.data.voc import VOCReader
 from tools.scoring.labels import scores_to_label
@@ -30,7 +32,7 @@ PSEUDO_LABEL_THRESHOLD = 0.25
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = StageArgumentParser(description=__doc__)
-    parser.add_argument("--experiment_name", required=True, help="random-walk (or CAM) folder under predictions/")
+    parser.add_argument("--experiment_name", required=True, help="refined (random walk, CRF) or CAM folder under predictions/, or a path")
     add_dataset_args(parser)
     parser.add_argument("--threshold", type=finite_float, default=PSEUDO_LABEL_THRESHOLD, help="background score")
     parser.add_argument("--crf_iteration", type=non_negative_int, default=1)
@@ -64,9 +66,9 @@ def make_one(job: Job, image_id: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     data = open_stage_data(args)
-    in_dir = data.paths.predictions(args.experiment_name)
+    in_dir = prediction_folder(data.paths, args.experiment_name)
     command = f"python inference_rw.py --domain {args.domain} {dataset_flags(args)} ..."
-    name = pseudo_label_name(args.experiment_name, args.crf_iteration)
+    name = pseudo_label_name(in_dir.name, args.crf_iteration)
     out_dir = data.paths.predictions(name)
     job = Job(data.reader, in_dir, out_dir, data.descriptor.palette, args.threshold, args.crf_iteration,
               args.allow_pickle, data.descriptor.num_classes)

@@ -12,7 +12,7 @@ from tools.artifacts.predictions import ScoreMaps, score_maps
 
 CODE = [path for path in [*REPO.glob("*.py"), *(REPO / "tools").rglob("*.py"), *(REPO / "core").rglob("*.py")]]
 PREDICTION_STAGES = ("inference_semformer.py", "inference_rw.py", "inference_segmentation.py",
-                     "make_affinity_labels.py", "make_pseudo_labels.py")
+                     "make_affinity_labels.py", "make_pseudo_labels.py", "refine_crf.py")
 SCORE_READERS = ("make_pseudo_labels.py", "tools/scoring/evaluation.py", "tools/report.py")
 
 

@@ -4,7 +4,9 @@ A folder the pipeline did not make has no ``run.json`` whose hash could tell a l
 changed. ``folder_fingerprint`` stands in for that hash: it changes whenever a file of the folder is
 added, removed, renamed or rewritten with other bytes, and only then (not on a touch or a copy to
 another place), so a record that stores it can tell "the same files" from "other files".
-``tools.import_cams`` records the fingerprint of the peer's CAM folder it converted.
+``tools.import_cams`` records the fingerprint of the peer's CAM folder it converted, and a stage run with
+``--external`` records it as the provenance of an input folder without ``run.json``
+(``tools.artifacts.provenance.folder_input``).
 """
 from __future__ import annotations
 

@@ -45,6 +45,11 @@ def random_walk_name(model_name: str, domain: str, beta: int, exp_times: int) ->
     return f"{model_name}@{domain_tag(domain)}@beta={beta}@exp_times={exp_times}@rw"
 
 
+def crf_refinement_name(cam_experiment: str, settings: str) -> str:
+    """``<cam experiment>@crf_refine=<settings>`` (``refine_crf.py``'s ``bg<power>_t<iterations>``...)."""
+    return f"{cam_experiment}@crf_refine={settings}"
+
+
 def pseudo_label_name(experiment_name: str, crf_iteration: int) -> str:
     return f"{experiment_name}@crf={crf_iteration}"
 

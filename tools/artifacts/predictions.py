@@ -1,9 +1,16 @@
-"""CAM and random-walk files: writing, reading (any format, checked) and their score maps.
+"""CAM and refined-map files: writing, reading (any format, checked) and their score maps.
 
 A prediction file holds ``keys`` ``(n + 1,)`` (background 0, then the present classes' ids) and score
 maps of those ``n`` classes: CAMs (``cam`` at stride 4, ``hr_cam`` at the photo's size) or refined maps
 (``rw (n, H, W)`` and optionally a propagated background ``rw_bg (H, W)``). ``score_maps`` is the one
 rule that picks the maps a file is scored and labelled by.
+
+The refined-map contract, what every refinement method (the random walk, ``refine_crf.py``'s CAM + CRF)
+writes with ``save_walk``: ``keys`` are the input CAM file's (the image's classes, background 0 first),
+``rw`` holds one ``(H, W)`` score map per class of ``keys[1:]`` in that order at the photo's size, and
+``rw_bg``, if present, is a background score on the same scale, compared with the class scores pixel by
+pixel (without it, readers put a constant background threshold in front). Scores lie in
+``[0, MAX_SCORE]`` of the compact codec.
 """
 from __future__ import annotations
 

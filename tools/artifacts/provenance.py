@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tools.artifacts.files import ArtifactError, atomic_write_text, read_json, remove_stale_temporaries
+from tools.artifacts.fingerprint import folder_fingerprint
 from tools.artifacts.locks import hold_until_exit
 from tools.artifacts.model_card import card_path, is_unfinished, run_provenance
 from tools.cli.repository import REPOSITORY
@@ -39,8 +40,9 @@ PACKAGES = ("torch", "torchvision", "timm", "numpy", "pydensecrf2")
 EXECUTION_FLAGS = frozenset({
     "domain", "list", "start", "end", "overwrite", "resume", "device", "num_workers", "n_jobs",
     "dataset", "data_dir", "experiments_dir", "print_ratio", "eval_every", "eval_batch_size", "allow_pickle",
-    "submission", "checkpoint_every",
+    "submission", "checkpoint_every", "external",
 })
+EXTERNAL_SUFFIXES = (".npz", ".npy")  # the files of an outside CAM / refined-map folder its fingerprint covers
 WAIT_SECONDS = 600.0  # how long a non-zero rank waits for rank 0's run.json
 
 
@@ -155,14 +157,24 @@ def read_run(folder: Path) -> dict[str, Any] | None:
     return run
 
 
-def folder_input(folder: Path, command: str, allow_unknown: bool = False) -> dict[str, Any]:
-    """An input prediction folder and its provenance; one without ``run.json`` is refused (named with
-    the command that makes it) unless ``allow_unknown`` (the original's imported ``.npy`` files)."""
+def folder_input(folder: Path, command: str, allow_unknown: bool = False, external: bool = False) -> dict[str, Any]:
+    """An input prediction folder and its provenance.
+
+    A folder without ``run.json`` is refused (naming the command that makes it and ``--external``) unless
+    ``external`` (a folder in our layout made outside the pipeline: its provenance is the fingerprint of its
+    ``.npz`` / ``.npy`` files, recomputed by ``stale_reasons``, so a changed file makes every stage built on it
+    stale) or ``allow_unknown`` (the original's imported ``.npy`` files: no provenance).
+    """
     run = read_run(folder)
-    if run is None and not allow_unknown:
-        raise ArtifactError(f"{folder}: no {RUN_FILE} (made by an older version or by hand, so its settings are "
-                            f"unknown); remake it with:\n  {command} --overwrite")
-    return {"path": str(folder), "provenance": None if run is None else run["provenance"]}
+    if run is not None:
+        return {"path": str(folder), "provenance": run["provenance"]}
+    if external:
+        return {"path": str(folder), "provenance": folder_fingerprint(folder, EXTERNAL_SUFFIXES), "external": True}
+    if not allow_unknown:
+        raise ArtifactError(f"{folder}: no {RUN_FILE} (made by an older version, by hand or by another codebase, so "
+                            f"its settings are unknown); pass --external to read it as an outside folder (recorded "
+                            f"by a fingerprint of its files), or remake it with:\n  {command} --overwrite")
+    return {"path": str(folder), "provenance": None}
 
 
 def model_input(model_path: Path) -> dict[str, Any]:
@@ -183,11 +195,17 @@ def external_input(path: Path) -> dict[str, Any]:
     return {"path": str(path), "provenance": None}
 
 
-def current_provenance(path: str | Path) -> str | None:
-    """The provenance an input artifact has now: a folder's ``run.json`` or a model's ``<tag>.json``."""
+def current_provenance(path: str | Path, external: bool = False) -> str | None:
+    """The provenance an input artifact has now: a folder's ``run.json``, a model's ``<tag>.json`` or, for an
+    ``external`` folder, the fingerprint of its files (None when they are gone)."""
     path = Path(path)
     if path.suffix == ".pth":
         return run_provenance(path)
+    if external:
+        try:
+            return folder_fingerprint(path, EXTERNAL_SUFFIXES)
+        except ArtifactError:  # the folder or its files are gone: not the recorded input any more
+            return None
     run = read_run(path) if path.is_dir() else None
     return None if run is None else run["provenance"]
 
@@ -195,7 +213,7 @@ def current_provenance(path: str | Path) -> str | None:
 def stale_reasons(record: Mapping[str, Any], args: argparse.Namespace | Mapping[str, Any]) -> list[str]:
     """Why an artifact made as ``record`` is not what ``args`` would make now: changed settings, another
     dataset (descriptor, list or root), or inputs whose provenance changed since (an upstream stage was redone,
-    a model retrained)."""
+    a model retrained, a file of an ``--external`` folder changed)."""
     settings = settings_of(args)
     reasons = differences({**record, "inputs": {}}, {"script": record.get("script", ""), "settings": settings,
                                                      "inputs": {}, "dataset": record.get("dataset")})
@@ -204,8 +222,10 @@ def stale_reasons(record: Mapping[str, Any], args: argparse.Namespace | Mapping[
     if current is not None and recorded != current:
         reasons.append(_dataset_change(recorded, current))
     for name, entry in record.get("inputs", {}).items():
-        if entry.get("provenance") is not None and current_provenance(entry["path"]) != entry["provenance"]:
-            reasons.append(f"input {name} {entry['path']} was remade")
+        external = bool(entry.get("external"))
+        if entry.get("provenance") is not None and current_provenance(entry["path"], external) != entry["provenance"]:
+            reasons.append(f"input {name} {entry['path']} " + ("changed (its files' fingerprint)" if external
+                                                               else "was remade"))
     return reasons
 
 

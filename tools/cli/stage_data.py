@@ -29,11 +29,16 @@ def add_dataset_args(parser: argparse.ArgumentParser, domain: str = "train") -> 
 
 
 def add_output_args(parser: argparse.ArgumentParser, reads_predictions: bool = True) -> None:
-    """``--overwrite`` (finished files are skipped otherwise) and ``--allow_pickle`` (legacy ``.npy`` inputs)."""
+    """``--overwrite`` (finished files are skipped otherwise) and, for a stage that reads prediction folders,
+    ``--allow_pickle`` (legacy ``.npy`` inputs) and ``--external`` (input folders without ``run.json``)."""
     parser.add_argument("--overwrite", action="store_true", help="recompute files that already exist")
     if reads_predictions:
         parser.add_argument("--allow_pickle", action="store_true",
                             help="read the original repository's pickled .npy files (only files you trust)")
+        parser.add_argument("--external", action="store_true",
+                            help="accept an input folder in our layout without run.json (made by hand or by another "
+                                 "codebase): recorded by a fingerprint of its .npz/.npy files, so a changed file "
+                                 "makes this stage's output stale")
 
 
 def add_jobs_arg(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +66,15 @@ def open_stage_data(args: argparse.Namespace, labels: bool = False) -> StageData
     ids = read_id_list(args.list) if args.list else descriptor.read_ids(args.domain)
     reader.validate(ids, labels)
     return StageData(descriptor, reader, ids, ExperimentPaths(Path(args.experiments_dir)))
+
+
+def prediction_folder(paths: ExperimentPaths, name_or_path: str) -> Path:
+    """The folder a ``--experiment_name`` / ``--cam_dir`` value names: a path as given when it contains a ``/``
+    or is an existing directory, else ``<experiments_dir>/predictions/<name>``. Outputs derived from it are
+    named after its last component (``Path.name``)."""
+    if "/" in name_or_path or Path(name_or_path).is_dir():
+        return Path(name_or_path)
+    return paths.predictions(name_or_path)
 
 
 def shard(ids: list[str], start: float, end: float) -> list[str]:

@@ -6,7 +6,7 @@ provenance (or refused, naming the command that makes them), their input models 
 the output folder is claimed for these settings (``tools.artifacts.provenance.claim_output_folder``:
 reused when made the same way, refused or replaced otherwise), and the ids still to do are listed.
 A new inference or refinement script is its model code plus ``open_stage_output`` and a loop; a label
-script is ``run_label_jobs`` with its per-image function.
+script or a CPU refinement (``refine_crf.py``) is ``run_label_jobs`` with its per-image function.
 """
 from __future__ import annotations
 
@@ -49,13 +49,15 @@ class StageOutput:
     todo: list[str]
 
 
-def record_inputs(inputs: dict[str, StageInput], ids: list[str], allow_pickle: bool = False) -> dict[str, dict]:
-    """Each input checked (folders complete for ``ids``, models finished) and recorded with its provenance."""
+def record_inputs(inputs: dict[str, StageInput], ids: list[str], allow_pickle: bool = False,
+                  external: bool = False) -> dict[str, dict]:
+    """Each input checked (folders complete for ``ids``, models finished) and recorded with its provenance
+    (``external``: folders without ``run.json`` by the fingerprint of their files)."""
     recorded: dict[str, dict[str, Any]] = {}
     for name, source in inputs.items():
         if isinstance(source, FolderInput):
             require_complete(source.path, ids, source.suffix, source.command)
-            recorded[name] = folder_input(source.path, source.command, allow_pickle)
+            recorded[name] = folder_input(source.path, source.command, allow_pickle, external)
         else:
             recorded[name] = model_input(source.path)
     return recorded
@@ -65,17 +67,18 @@ def open_stage_output(args: argparse.Namespace, data: StageData, script: str, in
                       name: str, suffix: str, ids: list[str], what: str) -> StageOutput:
     """Inputs checked and recorded, ``predictions/<name>`` claimed for ``script`` run with ``args``, and the
     ids of ``ids`` whose ``<id><suffix>`` is still to make (all of them with ``--overwrite``)."""
-    recorded = record_inputs(inputs, data.ids, getattr(args, "allow_pickle", False))
+    recorded = record_inputs(inputs, data.ids, getattr(args, "allow_pickle", False), getattr(args, "external", False))
     folder = data.paths.predictions(name)
     claim_output_folder(folder, run_record(script, args, recorded), suffix, args.overwrite, process_rank())
     return StageOutput(folder, pending_ids(folder, ids, suffix, args.overwrite, what))
 
 
 def run_label_jobs(args: argparse.Namespace, data: StageData, script: str, inputs: dict[str, StageInput],
-                   name: str, make_one: Callable[[str], None], what: str) -> Path:
-    """A label stage: ``open_stage_output`` for PNG labels of every id, then ``make_one(image_id)`` for each
-    label still missing, on ``--n_jobs`` processes. Returns the output folder."""
-    output = open_stage_output(args, data, script, inputs, name, PNG_SUFFIX, data.ids, what)
+                   name: str, make_one: Callable[[str], None], what: str, suffix: str = PNG_SUFFIX) -> Path:
+    """A per-image CPU stage (labels, a CRF refinement): ``open_stage_output`` for one ``<id><suffix>`` per id
+    (PNG labels by default), then ``make_one(image_id)`` for each file still missing, on ``--n_jobs`` processes.
+    Returns the output folder."""
+    output = open_stage_output(args, data, script, inputs, name, suffix, data.ids, what)
     for _ in parallel_map(make_one, output.todo, args.n_jobs, what):
         pass
     return output.folder
