@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 
 import evaluate
+import inference_rw
 import make_affinity_labels
 import make_pseudo_labels
 import refine_crf
+import train_affinitynet
+import train_segmentation
 from tools import baseline_cams
 from tools.artifacts.files import ArtifactError, load_label_png
 from tools.artifacts.fingerprint import folder_fingerprint
+from tools.artifacts.model_card import read_card
 from tools.artifacts.predictions import load_prediction, save_cams, score_maps
 from tools.artifacts.provenance import EXTERNAL_SUFFIXES, read_run, stale_reasons
 from tools.data.descriptor import load_descriptor
@@ -116,3 +120,28 @@ def test_a_changed_external_file_makes_the_stage_built_on_it_stale(synthetic_dat
         make_pseudo_labels.main(argv)
     make_pseudo_labels.main([*argv, "--overwrite"])
     assert stale_reasons(read_run(output), make_pseudo_labels.parse_args(argv)) == []
+
+
+def test_an_external_cam_folder_goes_through_the_walk_to_a_deeplab(synthetic_dataset, outside, tmp_path):
+    """A hand-written CAM folder (``--external``, by path) through affinity labels, AffinityNet, the random
+    walk, pseudo labels and DeepLab training: the whole refinement and final stage of the pipeline."""
+    experiments = tmp_path / "exp"
+    data = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(experiments), "--domain", "train_aug"]
+    outside_all = outside.parent / "all"  # the baseline CAMs of every train_aug id, without run.json
+    folder = baseline_cams.main([*data, "--experiment_name", "AllCAMs"])
+    shutil.copytree(folder, outside_all, ignore=shutil.ignore_patterns("run.json", ".lock"))
+    make_affinity_labels.main(["--experiment_name", str(outside_all), "--external", "--crf_iteration", "1",
+                               "--n_jobs", "1", *data])
+    train_affinitynet.main(["--tag", "Aff", "--label_name", "all@aff_fg=0.11_bg=0.15", "--architecture", "resnet18",
+                            "--pretrained", "none", "--image_size", "96", "--min_image_size", "64",
+                            "--max_image_size", "96", "--batch_size", "4", "--max_epoch", "1", "--num_workers", "0",
+                            *data])
+    inference_rw.main(["--model_name", "Aff", "--cam_dir", str(outside_all), "--external", "--exp_times", "2",
+                       "--image_size", "96", *data])
+    walk = "Aff@train@beta=10@exp_times=2@rw"
+    assert read_run(experiments / "predictions" / walk)["inputs"]["cams"]["external"] is True
+    make_pseudo_labels.main(["--experiment_name", walk, "--crf_iteration", "1", "--n_jobs", "1", *data])
+    train_segmentation.main(["--tag", "DL", "--label_name", f"{walk}@crf=1", "--architecture", "deeplabv3plus",
+                             "--backbone", "resnet18", "--pretrained", "none", "--crop_size", "48", "--batch_size",
+                             "4", "--max_iters", "2", "--num_workers", "0", *data])
+    assert read_card(experiments / "models" / "DL.pth")["finished"] is True
