@@ -14,18 +14,15 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from tools.artifacts.files import save_png
-from tools.artifacts.paths import CAM_SUFFIX, PNG_SUFFIX, affinity_label_name, prediction_file
-from tools.artifacts.predictions import load_prediction
+from tools.artifacts.paths import CAM_SUFFIX, PNG_SUFFIX, affinity_label_name
 from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int
 from tools.cli.exits import run_main
 from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
                                   prediction_folder)
 from tools.cli.stage_outputs import FolderInput, run_label_jobs
 from tools.data.voc import VOCReader
-from tools.scoring.labels import AFFINITY_CRF_ITERATIONS, affinity_label
+from tools.scoring.labels import AFFINITY_CRF_ITERATIONS, affinity_label, photo_and_cams
 
 FG_THRESHOLD, BG_THRESHOLD = 0.11, 0.15  # the paper's: confident foreground above 0.11, background below 0.15
 
@@ -58,9 +55,7 @@ class Job:
 
 
 def make_one(job: Job, image_id: str) -> None:
-    image = np.array(job.reader.load_image(image_id))
-    cams = load_prediction(prediction_file(job.cam_dir, image_id), job.num_classes, allow_pickle=job.allow_pickle,
-                           image_size=image.shape[:2], require=("hr_cam",))
+    image, cams = photo_and_cams(job.reader, job.cam_dir, image_id, job.num_classes, job.allow_pickle)
     label = affinity_label(image, cams["hr_cam"], cams["keys"], job.fg_threshold, job.bg_threshold,
                            job.crf_iteration)
     save_png(job.out_dir / f"{image_id}{PNG_SUFFIX}", label)

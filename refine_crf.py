@@ -22,10 +22,8 @@ import functools
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from tools.artifacts.paths import CAM_SUFFIX, crf_refinement_name, prediction_file
-from tools.artifacts.predictions import load_prediction, save_walk
+from tools.artifacts.paths import CAM_SUFFIX, crf_refinement_name
+from tools.artifacts.predictions import save_walk
 from tools.cli.arguments import StageArgumentParser, positive_float, positive_int
 from tools.cli.exits import run_main
 from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
@@ -33,6 +31,7 @@ from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_arg
 from tools.cli.stage_outputs import FolderInput, run_label_jobs
 from tools.data.voc import VOCReader
 from tools.scoring.crf import ORIGINAL_KERNELS, CRFKernels
+from tools.scoring.labels import photo_and_cams
 from tools.scoring.refinement import crf_refine
 
 BG_POWER = 4.0  # PSA's low_alpha: background (1 - max cam)^4
@@ -82,9 +81,7 @@ class Job:
 
 
 def make_one(job: Job, image_id: str) -> None:
-    image = np.array(job.reader.load_image(image_id))
-    cams = load_prediction(prediction_file(job.cam_dir, image_id), job.num_classes, allow_pickle=job.allow_pickle,
-                           image_size=image.shape[:2], require=("hr_cam",))
+    image, cams = photo_and_cams(job.reader, job.cam_dir, image_id, job.num_classes, job.allow_pickle)
     refined = crf_refine(image, cams["hr_cam"], job.bg_power, job.iterations, job.kernels)
     save_walk(job.out_dir / f"{image_id}{CAM_SUFFIX}", cams["keys"], refined.scores, refined.background)
 

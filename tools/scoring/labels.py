@@ -13,6 +13,9 @@ import numpy as np
 
 from core.conventions import IGNORE_INDEX
 from tools.artifacts.files import save_png
+from tools.artifacts.paths import prediction_file
+from tools.artifacts.predictions import load_prediction
+from tools.data.voc import VOCReader
 from tools.scoring.crf import CRFSetting, crf_inference, crf_inference_label
 
 AFFINITY_CRF_ITERATIONS = 10
@@ -85,3 +88,13 @@ def write_segmentation_png(
 ) -> None:
     """``segmentation_label`` written as a palette PNG (a picklable job for worker processes)."""
     save_png(path, segmentation_label(probs, image, crf), palette)
+
+
+def photo_and_cams(reader: VOCReader, cam_dir: Path, image_id: str, num_classes: int,
+                   allow_pickle: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The RGB photo ``(H, W, 3)`` of an id and its checked CAM file (``hr_cam`` of the photo's size), as the
+    stages that refine CAMs on the photo (affinity labels, the CRF refinement) read them."""
+    image = np.array(reader.load_image(image_id))
+    cams = load_prediction(prediction_file(cam_dir, image_id), num_classes, allow_pickle=allow_pickle,
+                           image_size=image.shape[:2], require=("hr_cam",))
+    return image, cams
