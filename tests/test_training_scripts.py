@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
+import pytest
 import torch
 
 import train_affinitynet
@@ -16,13 +19,16 @@ from core.losses import LossWeights
 from core.path_index import PathIndex
 from core.semformer import SemFormer, SemFormerSegmentor
 from tests.cli_runner import run_script
-from tools.artifacts.files import save_png
+from tools.artifacts.files import ArtifactError, save_png
+from tools.artifacts.paths import ExperimentPaths
 from tools.artifacts.provenance import claim_output_folder, run_record
+from tools.cli.exits import TrainingInterrupted
 from tools.cli.presets import vit_flags
 from tools.data.datasets import ClassificationDataset
 from tools.data.descriptor import load_descriptor
 from tools.data.transforms import semformer_train_transform
 from tools.data.voc import VOCReader
+from tools.training.state import load_checkpoint
 
 TINY_VIT = ["--pretrained", "none", *vit_flags("tiny")]
 TINY_CAAE = [*TINY_VIT, "--image_size", "64", "--decoder_width", "32", "--decoder_depth", "1",
@@ -30,6 +36,7 @@ TINY_CAAE = [*TINY_VIT, "--image_size", "64", "--decoder_width", "32", "--decode
 TINY_SEMFORMER = [*TINY_VIT, "--image_size", "64", "--min_image_size", "48", "--max_image_size", "96",
                   "--class_dim", "16"]
 ENGINE = ["--batch_size", "4", "--max_epoch", "1", "--num_workers", "0"]
+VOLATILE_LOG_FIELDS = ("time", "eta")
 
 
 def test_caae_then_semformer_train_save_and_log(synthetic_dataset, tmp_path):
@@ -51,6 +58,49 @@ def test_caae_then_semformer_train_save_and_log(synthetic_dataset, tmp_path):
     assert {"loss", "seg_sim", "cls_fg", "cls_bg", "act_supp", "act_cplt"} <= set(entry)
     assert 0.0 <= log["validation"][-1]["mIoU"] <= 100.0
     assert any((tmp_path / "tensorboards" / "SemFormer@tiny").iterdir())
+
+
+def _train_log(paths: ExperimentPaths, tag: str) -> dict[str, list[dict]]:
+    content = json.loads(paths.json_log(tag).read_text())
+    return {kind: [{name: value for name, value in entry.items() if name not in VOLATILE_LOG_FIELDS}
+                   for entry in entries] for kind, entries in content.items()}
+
+
+def test_semformer_checkpoint_leaves_out_the_caae_and_resume_rebuilds_it_from_its_tag(synthetic_dataset, tmp_path,
+                                                                                      monkeypatch):
+    flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path)]
+    train_caae.main(["--tag", "CAAE@tiny", *TINY_CAAE, *ENGINE, *flags])
+    semformer = ["--ae_tag", "CAAE@tiny", *TINY_SEMFORMER, *ENGINE, *flags]
+    train_semformer.main(["--tag", "whole", *semformer])
+    paths = ExperimentPaths(tmp_path)
+
+    steps, train_step = 0, train_semformer.train_step
+
+    def step_then_sigterm(*args, **kwargs) -> dict:
+        nonlocal steps
+        steps += 1
+        if steps == 3:  # the engine finishes this step, saves its checkpoint and stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_semformer, "train_step", step_then_sigterm)
+    with pytest.raises(TrainingInterrupted):
+        train_semformer.main(["--tag", "resumed", *semformer])
+    monkeypatch.undo()
+    checkpoint = load_checkpoint(paths.checkpoint("resumed"))
+    assert checkpoint["global_step"] == 3 and checkpoint["frozen"]["modules"] == ["ae"]
+    assert checkpoint["model"] and all(key.startswith("segmentor.") for key in checkpoint["model"])  # no CAAE
+
+    train_semformer.main(["--tag", "resumed", *semformer, "--resume"])  # the CAAE comes back from CAAE@tiny
+    assert _train_log(paths, "resumed") == _train_log(paths, "whole")
+    for path in (paths.model, paths.checkpoint):
+        whole, resumed = (load_checkpoint(path(tag)) for tag in ("whole", "resumed"))
+        whole, resumed = whole.get("model", whole), resumed.get("model", resumed)
+        assert whole.keys() == resumed.keys() and all(torch.equal(whole[key], resumed[key]) for key in whole)
+
+    train_caae.main(["--tag", "CAAE@tiny", *TINY_CAAE, *ENGINE, *flags, "--overwrite", "--seed", "1"])
+    with pytest.raises(ArtifactError, match="the frozen 'ae' of this run differ from those the checkpoint was"):
+        train_semformer.main(["--tag", "resumed", *semformer, "--resume"])
 
 
 def test_semformer_without_its_caae_names_the_missing_model(synthetic_dataset, tmp_path):
