@@ -17,7 +17,7 @@ import torchvision
 from PIL import Image
 
 from core.checkpoint import CheckpointError
-from core.deeplab import V2_DILATIONS, DeepLab
+from core.deeplab import V2_DILATIONS, V3PLUS_LOW_LEVEL_CHANNELS, DeepLab
 from core.losses import segmentation_loss
 from core.multiscale import multiscale_probabilities
 from tests.cli_runner import REPO, run_failing, run_script
@@ -44,6 +44,16 @@ def test_logits_stride_of_each_architecture(architecture, stride):
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 65, 97))
     assert logits.shape == (2, 5, math.ceil(65 / stride), math.ceil(97 / stride))
+
+
+def test_v3plus_head_width_is_a_setting_of_v3plus_only():
+    model = DeepLab(5, "deeplabv3plus", "resnet18", head_channels=64).eval()
+    widths = {conv.out_channels for conv in model.head.modules() if isinstance(conv, torch.nn.Conv2d)}
+    assert widths == {64, V3PLUS_LOW_LEVEL_CHANNELS, 5}  # pyramid and decoder, reduced stride-4 features, classes
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 5, 16, 24)
+    with pytest.raises(ValueError, match="deeplabv3plus only"):
+        DeepLab(5, "deeplabv2", "resnet18", head_channels=64)
 
 
 def test_deeplabv2_head_sums_four_dilated_convs_initialised_small():
