@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                          evaluate=evaluate, script_args=vars(args),
                          model_config=describe_model("deeplab", num_classes, model_config(args)), inputs=inputs).fit()
     finish_training(result, config.tag, context.is_main,
-                    f"python inference_segmentation.py --tag {config.tag} --domain val {dataset_flags(args)}")
+                    f"python inference_segmentation.py --tag {config.tag} --domain {args.eval_domain} "
+                    f"{dataset_flags(args, with_list=False)}")
 
 
 if __name__ == "__main__":

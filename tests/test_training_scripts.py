@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
@@ -18,7 +19,7 @@ from core.cam import cam_activations
 from core.losses import LossWeights
 from core.path_index import PathIndex
 from core.semformer import SemFormer, SemFormerSegmentor
-from tests.cli_runner import run_script
+from tests.cli_runner import run_completed, run_script
 from tools.artifacts.files import ArtifactError, save_png
 from tools.artifacts.paths import ExperimentPaths
 from tools.artifacts.provenance import claim_output_folder, run_record
@@ -37,20 +38,30 @@ TINY_SEMFORMER = [*TINY_VIT, "--image_size", "64", "--min_image_size", "48", "--
                   "--class_dim", "16"]
 ENGINE = ["--batch_size", "4", "--max_epoch", "1", "--num_workers", "0"]
 VOLATILE_LOG_FIELDS = ("time", "eta")
+SELECTION_BAR = re.compile(r"validation: +\d+%\|")  # the checkpoint-selection pass's tqdm bar
+
+
+def run_training(*args: str) -> str:
+    """Run a training script that must succeed; its stdout, after checking that its stderr shows the selection
+    pass's progress bar (the per-epoch scoring, about 20 minutes on a CPU at paper size)."""
+    result = run_completed(*args)
+    assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert SELECTION_BAR.search(result.stderr), result.stderr
+    return result.stdout
 
 
 def test_caae_then_semformer_train_save_and_log(synthetic_dataset, tmp_path):
     flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path)]
-    output = run_script("train_caae.py", "--tag", "CAAE@tiny", *TINY_CAAE, *ENGINE, *flags)
-    assert "python train_semformer.py --ae_tag CAAE@tiny" in output
+    output = run_training("train_caae.py", "--tag", "CAAE@tiny", *TINY_CAAE, *ENGINE, *flags)
+    assert "python train_semformer.py --tag SemFormer@CAAE@tiny --ae_tag CAAE@tiny --class_dim 16" in output
     models = tmp_path / "models"
     assert (models / "CAAE@tiny.pth").is_file() and (models / "CAAE@tiny.last.pth").is_file()
     log = json.loads((tmp_path / "logs" / "CAAE@tiny.json").read_text())
     assert log["train"] and 0.0 <= log["validation"][-1]["mAP"] <= 100.0
 
-    output = run_script("train_semformer.py", "--tag", "SemFormer@tiny", "--ae_tag", "CAAE@tiny",
-                        *TINY_SEMFORMER, *ENGINE, *flags)
-    assert "python inference_semformer.py --tag SemFormer@tiny" in output
+    output = run_training("train_semformer.py", "--tag", "SemFormer@tiny", "--ae_tag", "CAAE@tiny",
+                          *TINY_SEMFORMER, *ENGINE, *flags)
+    assert "python inference_semformer.py --tag SemFormer@tiny --domain train_aug --cra_layers 1" in output
     state = torch.load(models / "SemFormer@tiny.pth", weights_only=True)
     assert state and all(key.startswith("segmentor.") for key in state)  # the CAAE is not saved
     log = json.loads((tmp_path / "logs" / "SemFormer@tiny.json").read_text())
@@ -158,16 +169,17 @@ def test_affinitynet_trains_on_affinity_labels(synthetic_dataset, tmp_path):
     descriptor = load_descriptor(synthetic_dataset)
     reader = VOCReader(descriptor)
     ids = descriptor.read_ids("train")
-    label_dir = tmp_path / "predictions" / "CAM@aff"
+    label_dir = tmp_path / "predictions" / "CAM@aff_fg=0.11_bg=0.15"  # no run.json inputs: the name tells the CAMs
     claim_output_folder(label_dir, run_record("hand-made GT labels", {}), ".png", overwrite=False)
     for image_id in ids:  # the GT with its ignore band stands in for affinity labels
         save_png(label_dir / f"{image_id}.png", reader.load_mask(image_id, required=True))
     flags = ["--dataset", str(synthetic_dataset), "--experiments_dir", str(tmp_path), "--domain", "train"]
-    output = run_script("train_affinitynet.py", "--tag", "Aff@tiny", "--label_name", "CAM@aff",
+    output = run_script("train_affinitynet.py", "--tag", "Aff@tiny", "--label_name", "CAM@aff_fg=0.11_bg=0.15",
                         "--architecture", "resnet18", "--pretrained", "none", "--image_size", "96", "--min_image_size", "64",
                         "--max_image_size", "96", "--batch_size", "2", "--max_epoch", "2", "--num_workers", "0",
                         *flags)
-    assert "python inference_rw.py --model_name Aff@tiny --architecture resnet18" in output
+    assert "python inference_rw.py --model_name Aff@tiny --domain train" in output
+    assert " --cam_dir CAM\n" in output
     log = json.loads((tmp_path / "logs" / "Aff@tiny.json").read_text())
     assert all(np.isfinite(entry["loss"]) for entry in log["train"])
     assert json.loads((tmp_path / "models" / "Aff@tiny.json").read_text())["backbone"] == "resnet18"

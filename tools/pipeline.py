@@ -35,7 +35,7 @@ from typing import Any, Iterator
 from tools.artifacts.files import ArtifactError, atomic_write_text, read_json
 from tools.artifacts.folders import missing_ids
 from tools.artifacts.model_card import read_card
-from tools.artifacts.paths import ExperimentPaths
+from tools.artifacts.paths import ExperimentPaths, evaluation_json
 from tools.artifacts.provenance import read_run, stale_reasons
 from tools.cli.exits import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, STATUS_DIR_VARIABLE, CommandFailed,
                              reported_statuses)
@@ -160,9 +160,9 @@ def evaluation_command(stage: Stage, settings: Settings) -> list[str]:
 
 
 def evaluation_file(stage: Stage, settings: Settings) -> Path:
+    """The JSON that ``evaluation_command`` writes (in the scored folder's ``reports/``)."""
     score = stage.score
-    folder = settings.paths.predictions(stage.output["folder"])
-    return folder / f"evaluation_{score['domain']}_{score['mode']}.json"
+    return evaluation_json(settings.paths.predictions(stage.output["folder"]), score["domain"], score["mode"])
 
 
 def printable(argv: list[str], python: str) -> str:

@@ -354,8 +354,9 @@ class Trainer:
         return dict(zip(names, torch.stack([totals[name] for name in names]).tolist()))
 
     def _diverged(self, loss: float) -> None:
-        """Stop on a non-finite loss before the step corrupts the weights: the model stays unfinished and the
-        last checkpoint is kept."""
+        """Stop on a non-finite loss before the step corrupts the weights: the model stays unfinished, the last
+        checkpoint is kept, and the JSON log records the iteration (``TrainingLogger.log_divergence``)."""
+        self.logger.log_divergence(self.global_step + 1, loss)
         iteration, _ = self._last_checkpoint
         kept = (f"the last checkpoint {self.paths.checkpoint(self.config.tag)} (iteration {iteration}) is kept"
                 if self.paths.checkpoint(self.config.tag).is_file() else "no checkpoint was written yet")
