@@ -1,5 +1,6 @@
 """Per-image jobs on all cores: a mapped list with a progress bar (CRF passes, label writing, evaluation)
-and background jobs fed by a producer (segmentation CRFs behind the model)."""
+and background jobs fed by a producer (segmentation CRFs behind the model). Both tell a measuring driver
+(``tools.cli.measurements``) when each image and the background work are done."""
 from __future__ import annotations
 
 import multiprocessing
@@ -8,6 +9,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
+
+from tools.cli.measurements import image_done, work_done
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -37,6 +40,7 @@ def parallel_map(
     try:
         for result in results:
             progress.update()
+            image_done()
             yield result
         finished = True
     finally:
@@ -88,5 +92,6 @@ class BackgroundJobs:
         try:
             if error is None:
                 self._collect(set(wait(self._pending).done))
+                work_done()
         finally:
             self._executor.shutdown(wait=error is None, cancel_futures=True)
