@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -17,10 +18,11 @@ from tools.cli.arguments import UsageError
 from tools.data.descriptor import load_descriptor
 from tools.data.scratch import cut_lists, write_scratch_dataset
 from tools.pipeline import Overrides, Settings, build_stages, command, load_recipe, parsed_args, with_overrides
+from tools.scoring.parallel import parallel_map
 
 STAGE_ROW = re.compile(r"^(\S[^\n]*?) {2,}(passed|failed|not run)\b([^\n]*)$", re.MULTILINE)
 NUMBER = r"\d[\d.e+-]*"
-PASSED_CELLS = re.compile(rf"^\s+{NUMBER} (s|min|h|d)\s+{NUMBER} s/(step|image)\s+{NUMBER} \w+ (RAM|GPU)\s+.*"
+PASSED_CELLS = re.compile(rf"^\s+{NUMBER} (s|min|h|d)\s+{NUMBER} m?s/(step|image)\s+{NUMBER} \w+ (RAM|GPU)\s+.*"
                           rf"{NUMBER} (s|min|h|d)\s+{NUMBER} \w+$")
 
 
@@ -108,16 +110,21 @@ def test_cut_lists_keep_contained_lists_contained(synthetic_dataset, tmp_path):
         "part": ["e", "f"], "other": ["x", "y"], "all": ["a", "b", "e", "f"]}
 
 
-def test_an_image_loop_reports_seconds_per_image_after_the_first(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pool", [False, True])
+def test_image_work_is_reported_per_image_after_the_first(tmp_path, monkeypatch, pool):
     monkeypatch.setenv(measurements.MEASUREMENTS_VARIABLE, str(tmp_path))
     monkeypatch.setattr(measurements, "_RECORD", measurements._Record())
     time.sleep(0.2)  # start-up: not image work
-    for _ in measurements.measured_images(range(4)):
-        time.sleep(0.05)
+    if pool:  # two processes share the work: each 0.1 s image costs the stage 0.05 s
+        assert list(parallel_map(time.sleep, [0.1] * 4, 2, "images")) == [None] * 4
+    else:
+        for _ in measurements.measured_images(range(4)):
+            time.sleep(0.05)
     measurements.write_measurements()
     [reported] = measurements.read_measurements(tmp_path)
-    assert reported["images"] == 4 and 0.05 <= reported["image_seconds"] < 0.1
-    assert 0.15 <= reported["image_work_seconds"] < 0.3
+    assert reported["images"] == 4 and 0.05 <= reported["image_seconds"] < 0.08
+    assert 0.15 <= reported["image_work_seconds"] < 0.24
+    assert 0 < reported["peak_rss_bytes"] < 8 * 2**30
 
 
 # ----------------------------------------------------------------------------- the preflight of the smoke recipe
@@ -178,3 +185,21 @@ def test_a_failing_stage_stops_the_preflight_naming_it(synthetic_dataset, tmp_pa
     assert {outcome for title, (outcome, _) in rows.items()
             if title not in ("CAAE training", "SemFormer training")} == {"not run"}
     assert sorted(path.name for path in tmp_path.iterdir()) == ["logs"]
+
+
+def test_a_ctrl_c_stops_the_preflight_and_removes_its_scratch(synthetic_dataset, tmp_path):
+    flags = ["--recipe", "smoke", "--dataset", str(synthetic_dataset), "--data_dir", str(synthetic_dataset.parent),
+             "--experiments_dir", str(tmp_path), "--preflight_images", "2", "--preflight_steps", "1"]
+    process = subprocess.Popen([sys.executable, "run_pipeline.py", "--preflight", *flags], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "2"})
+    log = tmp_path / "logs" / "preflight@smoke" / "caae.log"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and "Started CAAE@smoke" in log.read_text(errors="replace"):
+            process.send_signal(signal.SIGINT)  # what a Ctrl-C sends: the driver passes it on to the stage
+            break
+        time.sleep(0.05)
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 130 and "preflight stopped" in errors and "Traceback" not in errors
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["logs"]  # the scratch folder is gone

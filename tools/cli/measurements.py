@@ -4,15 +4,17 @@ When ``$STAGE_MEASUREMENTS_DIR`` names a folder, the process keeps
 
 - the seconds of each optimiser step, evaluation pass and epoch-end save (``tools.training.engine``,
   through ``measured``);
-- when each image of an inference or label loop is done (``measured_images`` around the loop; ``parallel_map``
-  marks its items) and when background work on them ended (``work_done``, ``BackgroundJobs``),
+- the seconds of each image of an inference or label loop: between successive images of a loop in this
+  process (``measured_images`` around it), or a pool worker's own seconds for it divided by the pool's
+  processes (``parallel_map``); background work that ends after the loop (``BackgroundJobs`` draining its
+  CRFs) is added to the last image (``work_done``),
 
 and ``run_main`` writes them at its end to ``<folder>/rank<RANK>.json`` (``write_measurements``) with the
 process's peak memory: the CUDA allocator's peak (``torch.cuda.max_memory_allocated``) where CUDA was used,
-and the peak resident set of the process and of its largest finished child process (DataLoader workers, job
-pools). Image work runs from the first image's end (the first image is the warm-up: worker start-up, lazy
-initialisation) to the last mark, so ``image_seconds`` is the time per image after it. Without the variable
-nothing is kept.
+the peak resident set of this program (``VmHWM``, which unlike ``ru_maxrss`` does not count the pages of the
+parent it was forked from before its exec) and that of its largest finished child process (DataLoader
+workers, job pools). The first image is the warm-up (worker start-up, lazy initialisation): ``image_seconds``
+is the mean of the others. Without the variable nothing is kept.
 """
 from __future__ import annotations
 
@@ -31,7 +33,9 @@ from tools.artifacts.files import atomic_write_text
 MEASUREMENTS_VARIABLE = "STAGE_MEASUREMENTS_DIR"
 MEASUREMENTS_SUFFIX = ".json"
 STEP, EVALUATION, SAVE = "step", "evaluation", "save"  # the kinds of timed work of a training run
-RSS_UNIT_BYTES = 1024  # ru_maxrss is in KiB on Linux
+RSS_UNIT_BYTES = 1024  # ru_maxrss and VmHWM are in KiB on Linux
+PROCESS_STATUS = Path("/proc/self/status")
+PEAK_RESIDENT = "VmHWM:"
 
 Item = TypeVar("Item")
 
@@ -41,9 +45,8 @@ class _Record:
 
     def __init__(self) -> None:
         self.seconds: dict[str, list[float]] = {}
-        self.images = 0
-        self.first_image_done: float | None = None
-        self.work_end: float | None = None
+        self.image_seconds: list[float] = []
+        self.last_image_done: float | None = None
 
 
 _RECORD = _Record()
@@ -64,28 +67,40 @@ def measured(kind: str) -> Iterator[None]:
         _RECORD.seconds.setdefault(kind, []).append(time.perf_counter() - started)
 
 
-def image_done() -> None:
-    """One more image of the stage's list is done."""
-    if not measuring():
-        return
-    now = time.perf_counter()
-    _RECORD.images += 1
-    if _RECORD.first_image_done is None:
-        _RECORD.first_image_done = now
-    _RECORD.work_end = now
+def image_done(seconds: float) -> None:
+    """One more image of the stage's list is done; it took ``seconds`` of this stage's time."""
+    if measuring():
+        _RECORD.image_seconds.append(seconds)
+        _RECORD.last_image_done = time.perf_counter()
 
 
 def work_done() -> None:
-    """Work on the images done so far ended (background jobs drained): the image work lasts until now."""
-    if measuring() and _RECORD.images:
-        _RECORD.work_end = time.perf_counter()
+    """Background work on the images done so far ended (jobs drained): its time since the last image is added to
+    that image."""
+    if measuring() and _RECORD.image_seconds:
+        now = time.perf_counter()
+        _RECORD.image_seconds[-1] += now - _RECORD.last_image_done
+        _RECORD.last_image_done = now
 
 
 def measured_images(items: Iterable[Item]) -> Iterator[Item]:
-    """``items`` (the images of an inference loop), each marked done when the loop asks for the next."""
+    """``items`` (the images of an inference loop), each timed from the loop's request for it to its request
+    for the next (so the first holds the loader's start-up)."""
+    started = time.perf_counter()
     for item in items:
         yield item
-        image_done()
+        now = time.perf_counter()
+        image_done(now - started)
+        started = now
+
+
+def resident_peak() -> int:
+    """This program's peak resident set in bytes: ``VmHWM`` where ``/proc`` has it, else ``ru_maxrss``."""
+    if PROCESS_STATUS.is_file():
+        for line in PROCESS_STATUS.read_text().splitlines():
+            if line.startswith(PEAK_RESIDENT):
+                return int(line.split()[1]) * RSS_UNIT_BYTES
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT_BYTES
 
 
 def peak_memory() -> dict[str, int | None]:
@@ -95,18 +110,16 @@ def peak_memory() -> dict[str, int | None]:
     cuda = None
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         cuda = int(torch.cuda.max_memory_allocated())
-    return {"peak_cuda_bytes": cuda,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT_BYTES,
+    return {"peak_cuda_bytes": cuda, "peak_rss_bytes": resident_peak(),
             "peak_child_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * RSS_UNIT_BYTES}
 
 
 def measurements() -> dict[str, Any]:
     """The JSON a driver reads: timed work, image counts and seconds, peak memory, this process's rank."""
-    record = _RECORD
-    image_work = None if record.first_image_done is None else record.work_end - record.first_image_done
+    timed = _RECORD.image_seconds[1:]  # after the warm-up image
     return {"rank": int(os.environ.get("RANK", "0")), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-            "seconds": record.seconds, "images": record.images, "image_work_seconds": image_work,
-            "image_seconds": image_work / (record.images - 1) if record.images > 1 else None, **peak_memory()}
+            "seconds": _RECORD.seconds, "images": len(_RECORD.image_seconds), "image_work_seconds": sum(timed),
+            "image_seconds": sum(timed) / len(timed) if timed else None, **peak_memory()}
 
 
 def write_measurements() -> None:

@@ -24,8 +24,9 @@ UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 BYTES_STEP = 1024
 MINUTE, HOUR, DAY = 60.0, 3600.0, 86400.0
 SCORING = ": scoring"  # title suffix of a stage's evaluate.py pass
-COLUMNS = (("stage", 36, "<"), ("result", 7, "<"), ("start-up", 9, ">"), ("rate", 15, ">"),
+COLUMNS = (("stage", 0, "<"), ("result", 7, "<"), ("start-up", 9, ">"), ("rate", 15, ">"),
            ("peak memory", 14, ">"), ("artifact", 18, ">"), ("full time", 10, ">"), ("full disk", 10, ">"))
+MILLI = 1e-3
 
 
 @dataclass
@@ -172,7 +173,7 @@ def describe(row: Row) -> str:
     if row.failure:
         return f"    {row.result}: {row.failure}"
     measured = (f"    passed in {human_seconds(row.wall)}: start-up {human_seconds(row.startup)}, "
-                f"{row.rate:.3g} s/{row.unit} ({row.timed} timed), peak {human_bytes(row.peak_bytes)} "
+                f"{human_rate(row.rate, row.unit)} ({row.timed} timed), peak {human_bytes(row.peak_bytes)} "
                 f"{row.peak_kind}")
     if row.artifact_bytes is not None:
         measured += f", {row.artifact_kind} {human_bytes(row.artifact_bytes)}"
@@ -180,28 +181,35 @@ def describe(row: Row) -> str:
             f"{human_bytes(row.projected_bytes)}")
 
 
+def human_rate(seconds: float | None, unit: str) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.3g} s/{unit}" if seconds >= 1 else f"{seconds / MILLI:.3g} ms/{unit}"
+
+
 def cells(row: Row) -> list[str]:
-    rate = "-" if row.rate is None else f"{row.rate:.3g} s/{row.unit}"
+    rate = human_rate(row.rate, row.unit)
     peak_text = "-" if row.peak_bytes is None else f"{human_bytes(row.peak_bytes)} {row.peak_kind}"
     artifact = "-" if row.artifact_bytes is None else f"{human_bytes(row.artifact_bytes)} {row.artifact_kind}"
     return [row.title, row.result, human_seconds(row.startup), rate, peak_text, artifact,
             human_seconds(row.projected_seconds), human_bytes(row.projected_bytes)]
 
 
-def table_line(values: list[str]) -> str:
-    return " ".join(f"{value:{align}{width}}" for value, (_, width, align) in zip(values, COLUMNS))
+def table_line(values: list[str], first_width: int) -> str:
+    return "  ".join(f"{value:{align}{width or first_width}}" for value, (_, width, align) in zip(values, COLUMNS))
 
 
 def print_table(rows: list[Row], seconds: float) -> None:
     """The table of every stage, its totals and the failure, if any, under it."""
-    LOG.info("\n" + table_line([name for name, _, _ in COLUMNS]))
-    for row in rows:
-        LOG.info(table_line(cells(row)))
     complete = all(row.result == "passed" for row in rows)
+    total = "total" if complete else "total (stages that passed)"
+    width = max(len(text) for text in [total, *(row.title for row in rows)])
+    LOG.info("\n" + table_line([name for name, _, _ in COLUMNS], width))
+    for row in rows:
+        LOG.info(table_line(cells(row), width))
     total_seconds = sum(row.projected_seconds or 0.0 for row in rows)
     total_bytes = sum(row.projected_bytes or 0.0 for row in rows)
-    LOG.info(table_line(["total" if complete else "total (stages that passed)", "", "", "", "", "",
-                         human_seconds(total_seconds), human_bytes(total_bytes)]))
+    LOG.info(table_line([total, "", "", "", "", "", human_seconds(total_seconds), human_bytes(total_bytes)], width))
     LOG.info(f"preflight {human_seconds(seconds)}; the full recipe on this machine: about "
              f"{human_seconds(total_seconds)} and {human_bytes(total_bytes)} of disk")
     for row in rows:
