@@ -5,7 +5,8 @@
 sweeps the background threshold over 0.10..0.40 (31 values, inclusive) with the original's 7x7
 erosion, prints the per-class IoU of the best threshold and one line per threshold, and writes
 ``evaluation_<domain>_<mode>.json`` and ``.png`` (mIoU / FP / FN against the threshold) into the
-prediction folder. ``--mode png`` scores label maps (pseudo labels, segmentation outputs) as they are.
+prediction folder's ``reports/`` subfolder, away from its ``<id>.png`` / ``<id>.npz`` files. ``--mode png``
+scores label maps (pseudo labels, segmentation outputs) as they are.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from tools.artifacts.files import ArtifactError
-from tools.artifacts.paths import ExperimentPaths
+from tools.artifacts.paths import ExperimentPaths, reports_dir
 from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int, positive_float
 from tools.cli.exits import run_main
 from tools.cli.stage_data import add_dataset_args, add_jobs_arg
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     protocol.add_argument("--post_process", choices=POST_PROCESSES, default="erode",
                           help="without CRF: erode every region by 3 px as the original does, or nothing")
     add_jobs_arg(parser)
-    parser.add_argument("--output_dir", help="where the JSON and plot go (default: the prediction folder)")
+    parser.add_argument("--output_dir", help="where the JSON and plot go (default: <prediction folder>/reports)")
     return parser
 
 
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(format_report(result))
 
-    output_dir = Path(args.output_dir) if args.output_dir else pred_dir
+    output_dir = Path(args.output_dir) if args.output_dir else reports_dir(pred_dir)
     stem = output_stem(Path(args.list).stem if args.list else args.domain, args)
     write_json(result, output_dir / f"{stem}.json")
     plot_sweep(result, output_dir / f"{stem}.png")

@@ -8,7 +8,9 @@ per image, at the image's size, to ``experiments/predictions/<tag>@<domain>@scal
 Defaults are the DeepLabV2 test recipe: scales 0.5-1.75 with flips, logits averaged, then DeepLab's
 10-iteration CRF. Finished files are skipped, so a killed run resumes; ``--start/--end`` take a
 slice of the list and ``torchrun --nproc_per_node N`` splits it across GPUs. ``--submission`` also
-packs the PASCAL VOC evaluation server's ``results.tar.gz`` (after checking every file).
+packs the PASCAL VOC evaluation server's ``results.tar.gz`` (after checking every file), named after the
+split (``comp6_test_cls`` / ``comp6_val_cls``): the domain test or val, or a ``--list`` holding exactly one
+of those lists' ids (any other list is refused, exit status 2).
 """
 from __future__ import annotations
 
@@ -31,14 +33,14 @@ from tools.cli.arguments import StageArgumentParser, UsageError, add_shard_args,
 from tools.cli.exits import run_main
 from tools.cli.measurements import measured_images
 from tools.cli.model_args import load_model_config
-from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
-                                  process_rank, rank_shard, shard)
+from tools.cli.stage_data import (StageData, add_dataset_args, add_jobs_arg, add_output_args, dataset_flags,
+                                  open_stage_data, process_rank, rank_shard, shard)
 from tools.cli.stage_outputs import ModelInput, open_stage_output
 from tools.data.transforms import normalize
 from tools.scoring.crf import CRFSetting, parse_crf_setting
 from tools.scoring.labels import write_segmentation_png
 from tools.scoring.parallel import BackgroundJobs
-from tools.scoring.submission import submission_dir, write_submission
+from tools.scoring.submission import SPLITS, submission_dir, submission_split, write_submission
 from tools.training.distributed import add_device_arg, inference_device
 
 RECIPE_MODEL = {"architecture": "deeplabv2", "backbone": "resnet101", "bn": "frozen"}  # when no <tag>.json
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dense CRF on the probabilities: deeplab (10 iterations, DeepLab's kernels; default), "
                              "N iterations with the original's kernels, or none")
     parser.add_argument("--submission", action="store_true",
-                        help="also write results/VOC2012/Segmentation/comp6_<domain>_cls/ and results.tar.gz")
+                        help="also write results/VOC2012/Segmentation/comp6_<split>_cls/ and results.tar.gz "
+                             "(split: test or val, the whole list)")
     add_shard_args(parser)
     add_device_arg(parser)
     add_jobs_arg(parser)
@@ -108,12 +111,24 @@ def wait_for_other_ranks(out_dir: Path, ids: list[str]) -> None:
             missing = still
 
 
+def checked_split(args: argparse.Namespace, data: StageData) -> str:
+    """The server's split of ``--submission``'s ids (the folder ``comp6_<split>_cls``); a ``UsageError`` for
+    ids that are not a whole test or val list."""
+    split = submission_split(data.descriptor, args.domain, data.ids if args.list else None)
+    if split is not None:
+        return split
+    given = f"--list {args.list}" if args.list else f"--domain {args.domain}"
+    raise UsageError(f"{given}: --submission needs a whole {' or '.join(SPLITS)} list (the server's "
+                     f"{', '.join(f'comp6_{name}_cls' for name in SPLITS)}), and these ids are neither")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.submission and (args.start, args.end) != (0.0, 1.0):
         raise UsageError("--submission packs the whole list: run the --start/--end shards first, then the same "
                          "command without them plus --submission (finished files are skipped)")
     data = open_stage_data(args)
+    split = checked_split(args, data) if args.submission else None
     device = inference_device(args.device)
     model_path = data.paths.model(args.tag)
     model = build_model(args.tag, data.descriptor.num_classes, model_path).to(device).eval()
@@ -138,12 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.submission:
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             wait_for_other_ranks(out_dir, data.ids)
-        archive = write_submission(out_dir, data.ids, data.reader, ids_name(args))
-        print(f"checked {len(data.ids)} files in {submission_dir(out_dir, ids_name(args))}\n"
+        archive = write_submission(out_dir, data.ids, data.reader, split)
+        print(f"checked {len(data.ids)} files in {submission_dir(out_dir, split)}\n"
               f"submission archive: {archive}")
     if data.reader.mask_path(data.ids[0]).is_file():
-        ids_flag = f"--list {args.list}" if args.list else f"--domain {args.domain}"
-        print(f"Next: python evaluate.py --experiment_name {name} {ids_flag} --mode png {dataset_flags(args)}")
+        print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} --mode png "
+              f"{dataset_flags(args)}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from core.backbones.base import DEFAULT_ATTN_LAYERS
 from core.cam import cam_activations, multiscale_cams
 from core.checkpoint import read_state_dict
 from core.semformer import SemFormerSegmentor, load_segmentor_weights
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scales", type=parse_scales, default=CAM_SCALES, help="comma-separated image scales")
     parser.add_argument("--with_cra", type=parse_bool, default=True,
                         help="weight the activations by class-relevant attention (True/False)")
-    parser.add_argument("--cra_layers", type=positive_int, default=4, help="last blocks whose attention forms the CRA")
+    parser.add_argument("--cra_layers", type=positive_int, default=DEFAULT_ATTN_LAYERS,
+                        help="last blocks whose attention forms the CRA")
     parser.add_argument("--exact_hr_cam", action="store_true",
                         help="resize hr_cam straight to the image size (the original stretches it to a "
                              "multiple of the patch size, 16, and crops, losing up to 15 px)")

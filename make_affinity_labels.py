@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
               data.descriptor.num_classes)
     run_label_jobs(args, data, Path(__file__).name, {"cams": FolderInput(cam_dir, CAM_SUFFIX, command)}, name,
                    functools.partial(make_one, job), "affinity labels")
-    print("Next: python train_affinitynet.py --tag AffinityNet@SemFormer "
-          f"--label_name {name} {dataset_flags(args)}")
+    print(f"Next: python train_affinitynet.py --tag AffinityNet@SemFormer --label_name {name} --domain {args.domain} "
+          f"{dataset_flags(args)}")
 
 
 if __name__ == "__main__":

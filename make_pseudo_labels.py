@@ -21,8 +21,8 @@ from tools.artifacts.paths import CAM_SUFFIX, PNG_SUFFIX, prediction_file, pseud
 from tools.artifacts.predictions import load_prediction, score_maps
 from tools.cli.arguments import StageArgumentParser, finite_float, non_negative_int
 from tools.cli.exits import run_main
-from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, open_stage_data,
-                                  prediction_folder)
+from tools.cli.stage_data import (add_dataset_args, add_jobs_arg, add_output_args, dataset_flags, evaluation_domain,
+                                  open_stage_data, prediction_folder)
 from tools.cli.stage_outputs import FolderInput, run_label_jobs
 from tools.data.voc import VOCReader
 from tools.scoring.labels import scores_to_label
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
               args.allow_pickle, data.descriptor.num_classes)
     run_label_jobs(args, data, Path(__file__).name, {"scores": FolderInput(in_dir, CAM_SUFFIX, command)}, name,
                    functools.partial(make_one, job), "pseudo labels")
-    print(f"Next: python evaluate.py --experiment_name {name} --domain {args.domain} --mode png "
-          f"{dataset_flags(args)}")
+    print(f"Next: python evaluate.py --experiment_name {name} --domain {evaluation_domain(data.descriptor, args)} "
+          f"--mode png {dataset_flags(args)}")
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ from core.affinitynet import AffinityNet, affinity_loss
 from core.conventions import CAM_STRIDE
 from core.path_index import PathIndex, affinity_targets
 from tools.artifacts.model_card import describe_model
-from tools.artifacts.paths import PNG_SUFFIX
+from tools.artifacts.paths import PNG_SUFFIX, ExperimentPaths, affinity_label_source
 from tools.cli.arguments import StageArgumentParser, positive_int
 from tools.cli.exits import finish_training, run_main
 from tools.cli.model_args import add_pretrained_arg
 from tools.cli.stage_data import add_dataset_args, dataset_flags, open_stage_data
-from tools.cli.stage_outputs import FolderInput, record_inputs
+from tools.cli.stage_outputs import FolderInput, record_inputs, recorded_source
 from tools.data.datasets import AffinityDataset
 from tools.data.transforms import affinity_train_transform
 from tools.training.config import TrainConfig, add_engine_args
@@ -97,9 +97,21 @@ def main(argv: list[str] | None = None) -> None:
                          script_args=vars(args),
                          model_config=describe_model("affinitynet", num_classes, {"backbone": args.architecture}),
                          inputs=inputs).fit()
-    finish_training(result, config.tag, context.is_main,
-                    f"python inference_rw.py --model_name {config.tag} --architecture {args.architecture} "
-                    f"--cam_dir <CAM experiment> --domain {args.domain} {dataset_flags(args)}")
+    finish_training(result, config.tag, context.is_main, random_walk_command(args, config.tag, data.paths))
+
+
+def random_walk_command(args: argparse.Namespace, tag: str, paths: ExperimentPaths) -> str:
+    """The random walk of the CAMs the affinity labels were made from, with this model: the CAM folder as the
+    labels' ``run.json`` records it, else as their name (``<cams>@aff_fg=..._bg=...``) tells."""
+    label_dir = paths.predictions(args.label_name)
+    source = recorded_source(label_dir, "cams", paths)
+    if source is None and affinity_label_source(args.label_name) is not None:
+        source = [affinity_label_source(args.label_name)]
+    walk = f"inference_rw.py --model_name {tag} --domain {args.domain} {dataset_flags(args)}"  # the card: the backbone
+    if source is None:
+        return (f"{walk}, with --cam_dir the CAM folder that {args.label_name} was made from (neither its "
+                "run.json nor its name says which)")
+    return f"python {walk} --cam_dir {' '.join(source)}"
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
                          script_args=vars(args),
                          model_config=describe_model("caae", num_classes, caae_config(args))).fit()
     finish_training(result, config.tag, context.is_main,
-                    f"python train_semformer.py --ae_tag {config.tag} {dataset_flags(args)}")
+                    f"python train_semformer.py --tag SemFormer@{config.tag} --ae_tag {config.tag} "
+                    f"--class_dim {args.class_dim} --domain {args.domain} {dataset_flags(args)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from core.deeplab import ARCHITECTURES, BN_MODES, DeepLab
+from core.deeplab import ARCHITECTURES, BN_MODES, V3PLUS_CHANNELS, DeepLab
 from core.losses import SEGMENTATION_LOSSES, segmentation_loss
 from tools.artifacts.folders import require_complete
 from tools.artifacts.model_card import describe_model
@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model = parser.add_argument_group("model")
     model.add_argument("--architecture", choices=ARCHITECTURES, default="deeplabv2")
     model.add_argument("--backbone", default="resnet101", help="any torchvision ResNet (resnet18 ... resnet152)")
+    model.add_argument("--head_channels", type=positive_int, default=V3PLUS_CHANNELS,
+                       help=f"width of the deeplabv3plus pyramid and decoder (default {V3PLUS_CHANNELS}, DeepLabV3+'s)")
     add_pretrained_arg(model, "torchvision's ResNet")
     model.add_argument("--backbone_bn", choices=(AUTO_BN, *BN_MODES), default=AUTO_BN,
                        help="frozen: BatchNorm fixed (the recipes, with ImageNet weights); train: ordinary "
@@ -74,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--scale_mode", choices=SCALE_MODES, default="choice",
                         help="choice: one of --scales; uniform: any factor between their min and max")
     recipe.add_argument("--eval_domain", default="val", help="list scored after every epoch, if it has GT masks")
+    parser.add_check(lambda args: f"--head_channels applies to --architecture deeplabv3plus only, not {args.architecture}"
+                     if args.head_channels != V3PLUS_CHANNELS and args.architecture != "deeplabv3plus" else None)
     parser.add_check(lambda args: "--backbone_bn frozen keeps the BatchNorm statistics of a random init with "
                      "--pretrained none (meaningless; such runs diverge): use --backbone_bn train, the default "
                      "with --pretrained none" if args.backbone_bn == "frozen" and args.pretrained == "none" else None)
@@ -110,7 +114,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> DeepLab:
 
 def model_config(args: argparse.Namespace) -> dict:
     """The keyword arguments that rebuild the model (its card's)."""
-    return {"architecture": args.architecture, "backbone": args.backbone, "bn": args.backbone_bn}
+    return {"architecture": args.architecture, "backbone": args.backbone, "bn": args.backbone_bn,
+            "head_channels": args.head_channels}
 
 
 def make_train_step(args: argparse.Namespace, ignore_index: int) -> Callable[[nn.Module, tuple], dict[str, torch.Tensor]]:
@@ -154,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
                          evaluate=evaluate, script_args=vars(args),
                          model_config=describe_model("deeplab", num_classes, model_config(args)), inputs=inputs).fit()
     finish_training(result, config.tag, context.is_main,
-                    f"python inference_segmentation.py --tag {config.tag} --domain val {dataset_flags(args)}")
+                    f"python inference_segmentation.py --tag {config.tag} --domain {args.eval_domain} "
+                    f"{dataset_flags(args, with_list=False)}")
 
 
 if __name__ == "__main__":

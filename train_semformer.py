@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from core.backbones.base import DEFAULT_ATTN_LAYERS
 from core.caae import CAAE
 from core.checkpoint import load_weights
 from core.losses import LossWeights, semformer_loss
@@ -142,7 +143,14 @@ def main(argv: list[str] | None = None) -> None:
                          model_config=describe_model("semformer", num_classes, semformer_config(args)),
                          inputs={"caae": model_input(data.paths.model(args.ae_tag))}).fit()
     finish_training(result, config.tag, context.is_main,
-                    f"python inference_semformer.py --tag {config.tag} --domain train_aug {dataset_flags(args)}")
+                    f"python inference_semformer.py --tag {config.tag} --domain {args.domain}"
+                    f"{cra_flag(segmentor.backbone.depth)} {dataset_flags(args)}")
+
+
+def cra_flag(depth: int) -> str:
+    """`` --cra_layers <depth>`` for a backbone shallower than the CAM inference's default CRA blocks (which it
+    would refuse), else nothing."""
+    return f" --cra_layers {depth}" if depth < DEFAULT_ATTN_LAYERS else ""
 
 
 def cam_overlay(image: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:

@@ -148,11 +148,10 @@ def _conv_gn_relu(in_channels: int, out_channels: int, kernel: int, dilation: in
 
 
 class ASPP(nn.Module):
-    """DeepLabV3's pyramid: 1x1 and three dilated 3x3 branches plus image pooling, projected to 256."""
+    """DeepLabV3's pyramid: 1x1 and three dilated 3x3 branches plus image pooling, projected to ``channels``."""
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, channels: int = V3PLUS_CHANNELS) -> None:
         super().__init__()
-        channels = V3PLUS_CHANNELS
         self.branches = nn.ModuleList([_conv_gn_relu(in_channels, channels, 1)]
                                       + [_conv_gn_relu(in_channels, channels, 3, rate) for rate in V3PLUS_RATES])
         self.pool = _conv_gn_relu(in_channels, channels, 1)
@@ -168,10 +167,10 @@ class ASPP(nn.Module):
 class DeepLabV3PlusHead(nn.Module):
     """ASPP on the last features, upsampled and fused with the stride-4 features, then classified."""
 
-    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int) -> None:
+    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int,
+                 channels: int = V3PLUS_CHANNELS) -> None:
         super().__init__()
-        channels = V3PLUS_CHANNELS
-        self.aspp = ASPP(in_channels)
+        self.aspp = ASPP(in_channels, channels)
         self.reduce = _conv_gn_relu(low_level_channels, V3PLUS_LOW_LEVEL_CHANNELS, 1)
         self.fuse = nn.Sequential(
             _conv_gn_relu(channels + V3PLUS_LOW_LEVEL_CHANNELS, channels, 3), nn.Dropout(V3PLUS_DROPOUTS[1]),
@@ -202,13 +201,16 @@ class DeepLab(nn.Module):
         backbone: any torchvision ResNet name (``resnet101`` for the recipes; resnet18/34 for tests).
         pretrained: ``none``, ``imagenet`` or a local weights file (see ``core.checkpoint.load_imagenet_weights``).
         bn: ``frozen`` backbone BatchNorm (the recipes) or ``train``.
+        head_channels: width of the V3+ pyramid and decoder (256 in DeepLabV3+; smaller is cheaper on a CPU).
     """
 
     def __init__(self, num_classes: int, architecture: str = "deeplabv2", backbone: str = "resnet101",
-                 pretrained: str = "none", bn: str = "frozen") -> None:
+                 pretrained: str = "none", bn: str = "frozen", head_channels: int = V3PLUS_CHANNELS) -> None:
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"--architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if head_channels != V3PLUS_CHANNELS and architecture != "deeplabv3plus":
+            raise ValueError(f"head_channels applies to deeplabv3plus only, not {architecture}")
         self.architecture = architecture
         net = dilated_resnet(backbone, BACKBONE_STRIDE[architecture], bn)
         if pretrained != "none":
@@ -220,7 +222,7 @@ class DeepLab(nn.Module):
         elif architecture == "deeplabv1":
             self.head = DeepLabV1Head(channels, num_classes)
         else:
-            self.head = DeepLabV3PlusHead(channels, self.backbone.low_level_channels, num_classes)
+            self.head = DeepLabV3PlusHead(channels, self.backbone.low_level_channels, num_classes, head_channels)
 
     def parameter_groups(self) -> list[ParameterGroup]:
         """The original's four groups: the ResNet is pretrained, the head is new (10x / 20x lr)."""

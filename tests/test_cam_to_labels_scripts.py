@@ -129,6 +129,10 @@ def test_affinity_labels_random_walk_and_pseudo_labels(stage_inputs):
         assert set(np.unique(label).tolist()) <= set(range(descriptor.num_classes))
     report = run_script("evaluate.py", "--experiment_name", f"{rw_name}@crf=1", "--mode", "png", *flags)
     assert "mIoU=" in report
+    label_dir = root / "predictions" / f"{rw_name}@crf=1"  # the report and its plot are not read as labels
+    assert sorted(path.name for path in label_dir.glob("*.png")) == sorted(f"{image_id}.png" for image_id in ids)
+    assert (label_dir / "reports" / "evaluation_train_png.json").is_file()
+    assert (label_dir / "reports" / "evaluation_train_png.png").is_file()
 
 
 def test_missing_previous_stage_names_the_first_id_and_the_command(stage_inputs):

@@ -3,6 +3,7 @@ diverged model marked finished, one command for every start (first start, torchr
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from tools.cli.exits import EXIT_ERROR, EXIT_USAGE
 from tools.cli.presets import vit_kwargs
 from tools.data.descriptor import load_descriptor
 from tools.pipeline import Settings, build_stages, load_recipe, plan
+from tools.report import write_report
 from tools.training.config import checkpoint_interval
 from tools.training.state import load_checkpoint
 
@@ -146,6 +148,17 @@ def test_a_diverging_training_stops_with_one_line_and_is_not_finished(capsys, da
     assert "the model is not marked finished" in message
     card = read_card(ExperimentPaths(experiments).model("D"))
     assert card is None or card["finished"] is False
+    iteration = int(message.split(" at iteration ")[1].split(";")[0])
+    diverged = json.loads(ExperimentPaths(experiments).json_log("D").read_text())["diverged"]
+    assert diverged["iteration"] == iteration and not math.isfinite(float(diverged["loss"]))
+
+    recipe = tmp_path / "one_stage.json"  # the report of a recipe whose training stage diverged says so
+    recipe.write_text(json.dumps({"dataset": str(data), "data_dir": str(data.parent), "stages": [
+        {"name": "segmentation", "title": "DeepLab training", "command": "train_segmentation.py --tag D",
+         "output": {"model": "D"}}]}))
+    page = write_report(str(recipe), Settings(str(data.parent), str(data), str(experiments))).read_text()
+    assert (f"training diverged: the loss was {diverged['loss']} at iteration {iteration}; the run stopped "
+            "unfinished") in page
 
 
 def test_frozen_batchnorm_from_random_init_trains_batchnorm_or_is_refused(capsys):

@@ -18,11 +18,13 @@ from torch import nn
 from tests.engine_toy_train import ToyDataset, ToyNet
 from tests.engine_toy_train import main as toy_main
 from tests.engine_toy_train import toy_step
+from tools.artifacts.files import ArtifactError
 from tools.artifacts.paths import ExperimentPaths
 from tools.cli import measurements
 from tools.training.config import TrainConfig
 from tools.training.distributed import DistContext
 from tools.training.engine import Trainer
+from tools.training.frozen import FrozenParts
 from tools.training.optimizer import LearningRateFactor, build_optimizer, build_scheduler, parameter_groups
 from tools.training.sampling import EpochSampler, SeededDataset, micro_batch_size, seed_everything
 from tools.training.state import load_checkpoint
@@ -233,7 +235,9 @@ def test_select_by_keeps_best_or_last_apart_from_checkpoint(tmp_path, select_by,
     assert torch.equal(best["head.1.weight"], snapshots[saved_epoch]["head.1.weight"])
     last = load_checkpoint(paths.checkpoint(TAG))
     assert (last["epoch"], last["global_step"], last["best_score"]) == (3, 6, 0.9)
-    _assert_same_tensors(last["model"], snapshots[2])
+    assert last["frozen"]["modules"] == ["frozen"]  # ToyNet's frozen layer: rebuilt on resume, not stored
+    _assert_same_tensors(last["model"], {name: value for name, value in snapshots[2].items()
+                                         if not name.startswith("frozen.")})
     validation = json.loads(paths.json_log(TAG).read_text())["validation"]
     assert [(entry["score"], entry["best_score"], entry["threshold"]) for entry in validation] == [
         (0.5, 0.5, 0.2), (0.9, 0.9, 0.2), (0.7, 0.9, 0.2)]
@@ -300,6 +304,66 @@ def test_gt_selection_needs_an_evaluation(tmp_path):
     with pytest.raises(ValueError, match="--select_by last"):
         Trainer(config, SINGLE_CPU, model, build_optimizer(parameter_groups(model, 0.1, 0), 0.1, 0),
                 ToyDataset(8), toy_step)
+
+
+# ----------------------------------------------------------------------------- frozen parts
+class _FrozenEncoderNet(nn.Module):
+    """A frozen encoder (its BatchNorm in eval mode) before a trained head whose BatchNorm's affine is frozen
+    but whose statistics still move in training mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).requires_grad_(False)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        self.head[1].requires_grad_(False)
+
+    def train(self, mode: bool = True) -> _FrozenEncoderNet:
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+
+def test_frozen_parts_are_whole_frozen_submodules_and_buffers_stay():
+    model = _FrozenEncoderNet()
+    frozen = FrozenParts.of(model)
+    assert frozen.modules == ("encoder", "head.1")
+    assert frozen.keys == {"encoder.0.weight", "encoder.0.bias", "encoder.1.weight", "encoder.1.bias",
+                           "head.1.weight", "head.1.bias"}
+    kept = frozen.trained_state(model.state_dict())
+    assert {"encoder.1.running_mean", "head.1.running_var", "head.1.num_batches_tracked"} <= set(kept)
+    assert set(kept) == set(model.state_dict()) - frozen.keys
+    with torch.no_grad():
+        model.head[0].weight += 1.0  # trained weights do not change the digest, frozen ones do
+    assert FrozenParts.of(model).digest == frozen.digest
+    with torch.no_grad():
+        model.encoder[0].weight[0, 0] += 1e-6
+    assert FrozenParts.of(model).digest != frozen.digest
+    assert FrozenParts.of(ToyNet()).modules == ("frozen",)
+
+
+def test_resume_rebuilds_the_frozen_parts_and_refuses_other_ones(tmp_path):
+    def trainer(model: nn.Module, resume: str = "no") -> Trainer:
+        config = TrainConfig(tag=TAG, max_epoch=2, batch_size=8, lr=0.1, weight_decay=1e-4, select_by="last",
+                             experiments_dir=str(tmp_path), resume=resume)
+        return Trainer(config, SINGLE_CPU, model, build_optimizer(parameter_groups(model, 0.1, 1e-4), 0.1, 1e-4),
+                       ToyDataset(16), toy_step)
+
+    torch.manual_seed(0)
+    trained = ToyNet()
+    trainer(trained).fit()
+    checkpoint = load_checkpoint(ExperimentPaths(tmp_path).checkpoint(TAG))
+    assert not {"frozen.weight", "frozen.bias"} & set(checkpoint["model"])
+    torch.manual_seed(0)
+    rebuilt = ToyNet()  # as a script rebuilds it: the same frozen layer, trained weights from the checkpoint
+    trainer(rebuilt, resume="yes")
+    _assert_same_tensors(rebuilt.state_dict(), trained.state_dict())
+    torch.manual_seed(1)
+    with pytest.raises(ArtifactError, match="the frozen 'frozen' of this run differ from those the checkpoint was "
+                                            "trained with"):
+        trainer(ToyNet(), resume="yes")
+    unfrozen = ToyNet().requires_grad_(True)
+    with pytest.raises(ArtifactError, match="left out the frozen 'frozen', this model freezes nothing"):
+        trainer(unfrozen, resume="yes")
 
 
 # ----------------------------------------------------------------------------- resume

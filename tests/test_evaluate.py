@@ -320,4 +320,4 @@ def test_baseline_cams_have_the_cam_artifact_layout_and_evaluate(tmp_path):
                             "--dataset", str(descriptor), "--n_jobs", "1", "--threshold", "0.5",
                             "--post_process", "none"])
     assert 0 < result["best"]["miou"] < 100
-    assert (outputs["centre"] / "evaluation_train_npy_post=none.json").is_file()
+    assert (outputs["centre"] / "reports" / "evaluation_train_npy_post=none.json").is_file()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,12 +19,12 @@ import torchvision
 from PIL import Image
 
 from core.checkpoint import CheckpointError
-from core.deeplab import V2_DILATIONS, DeepLab
+from core.deeplab import V2_DILATIONS, V3PLUS_LOW_LEVEL_CHANNELS, DeepLab
 from core.losses import segmentation_loss
 from core.multiscale import multiscale_probabilities
-from tests.cli_runner import REPO, run_failing, run_script
+from tests.cli_runner import REPO, run_completed, run_failing, run_script
 from tools.artifacts.files import ArtifactError, load_label_png, save_png
-from tools.cli.exits import EXIT_INTERRUPTED
+from tools.cli.exits import EXIT_INTERRUPTED, EXIT_USAGE
 from tools.data.descriptor import load_descriptor
 from tools.data.transforms import RandomScale
 from tools.data.voc import VOCReader
@@ -44,6 +46,16 @@ def test_logits_stride_of_each_architecture(architecture, stride):
     with torch.no_grad():
         logits = model(torch.randn(2, 3, 65, 97))
     assert logits.shape == (2, 5, math.ceil(65 / stride), math.ceil(97 / stride))
+
+
+def test_v3plus_head_width_is_a_setting_of_v3plus_only():
+    model = DeepLab(5, "deeplabv3plus", "resnet18", head_channels=64).eval()
+    widths = {conv.out_channels for conv in model.head.modules() if isinstance(conv, torch.nn.Conv2d)}
+    assert widths == {64, V3PLUS_LOW_LEVEL_CHANNELS, 5}  # pyramid and decoder, reduced stride-4 features, classes
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 96)).shape == (1, 5, 16, 24)
+    with pytest.raises(ValueError, match="deeplabv3plus only"):
+        DeepLab(5, "deeplabv2", "resnet18", head_channels=64)
 
 
 def test_deeplabv2_head_sums_four_dilated_convs_initialised_small():
@@ -254,7 +266,7 @@ def test_train_on_ground_truth_then_infer_score_and_submit(synthetic_dataset, tm
     descriptor = load_descriptor(synthetic_dataset)
     reader = VOCReader(descriptor)
     ids = descriptor.read_ids("val")
-    result = json.loads((tmp_path / "predictions" / name / "evaluation_val_png.json").read_text())
+    result = json.loads((tmp_path / "predictions" / name / "reports" / "evaluation_val_png.json").read_text())
     baseline = _all_background_miou(reader, ids, descriptor.num_classes)
     assert result["best"]["miou"] > baseline + 15, (result["best"]["miou"], baseline, report)
 
@@ -270,6 +282,34 @@ def test_train_on_ground_truth_then_infer_score_and_submit(synthetic_dataset, tm
     with tarfile.open(pred_dir / "results.tar.gz") as archive:
         assert sorted(archive.getnames()) == sorted(
             f"results/VOC2012/Segmentation/comp6_val_cls/{image_id}.png" for image_id in ids)
+    assert sorted(path.name for path in pred_dir.glob("*.png")) == sorted(f"{image_id}.png" for image_id in ids)
+
+    id_list = tmp_path / "my_val.txt"  # the whole val list under another name: still the server's val split
+    id_list.write_text("\n".join(reversed(ids)) + "\n")
+    output = run_script("inference_segmentation.py", "--tag", TAG, "--scales", "1.0", "--crf", "none", "--list",
+                        str(id_list), "--submission", *flags)
+    results = tmp_path / "predictions" / f"{TAG}@my_val@scale=1.0@crf=none" / "results" / "VOC2012" / "Segmentation"
+    assert [path.name for path in results.iterdir()] == ["comp6_val_cls"]
+    command = shlex.split(re.search(r"^Next: (.*)$", output, re.MULTILINE).group(1))
+    assert command[:2] == ["python", "evaluate.py"] and command.count("--list") == 1
+    assert "mIoU=" in run_script(*command[1:])  # as printed, with this interpreter for "python"
+
+
+@pytest.mark.parametrize("ids", ["part of val", "train"])
+def test_submission_refuses_ids_that_are_not_a_whole_test_or_val_list(synthetic_dataset, tmp_path, ids):
+    descriptor = load_descriptor(synthetic_dataset)
+    if ids == "train":
+        chosen = ["--domain", "train"]
+    else:
+        id_list = tmp_path / "val5.txt"
+        id_list.write_text("\n".join(descriptor.read_ids("val")[:5]) + "\n")
+        chosen = ["--list", str(id_list)]
+    result = run_completed("inference_segmentation.py", "--tag", TAG, *chosen, "--submission",
+                           *_flags(synthetic_dataset, tmp_path))  # refused before the (missing) model is read
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == EXIT_USAGE and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {' '.join(chosen)}: --submission needs a whole test or val list")
+    assert not (tmp_path / "predictions").exists()
 
 
 def test_sigterm_then_resume_equals_an_uninterrupted_run(synthetic_dataset, tmp_path):

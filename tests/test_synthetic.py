@@ -1,6 +1,8 @@
 """The synthetic VOC-layout dataset: layout, determinism, label/mask consistency, difficulty."""
 from __future__ import annotations
 
+import hashlib
+import itertools
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import pytest
 from core.conventions import IGNORE_INDEX
 from tools.cli.arguments import UsageError
 from tools.data.descriptor import load_descriptor
-from tools.data.synthetic.render import MAX_CLASSES, MIN_VISIBLE_FRACTION, render_sample, sample_rng
+from tools.data.synthetic.coco_writer import COCO_CATEGORY_IDS
+from tools.data.synthetic.render import (CLASS_SPECS, HUE_SPREAD, MAX_CLASSES, MIN_VISIBLE_FRACTION, render_sample,
+                                         sample_rng)
 from tools.data.synthetic.statistics import dataset_statistics
 from tools.data.synthetic.voc_writer import generate_dataset
 from tools.data.voc import VOCReader
@@ -19,6 +23,15 @@ from tools.synthetic import main
 NUM_CLASSES, NUM_TRAIN, NUM_VAL = 4, 12, 4
 MIN_SIZE, MAX_SIZE = 64, 128
 SAMPLE_COUNT = 60
+VOC_CLASSES, VOC_MIN_SIZE, VOC_MAX_SIZE = 20, 375, 500  # the VOC-like set of the README
+# sha256 over image.tobytes() + mask.tobytes() of render_sample(sample_rng(seed, split, i), num_classes, 96, 192)
+# for i in order, computed with the code of main at 0c8d448, before classes 13-20 existed (the demo's numbers
+# rest on these images): (num_classes, split, indices) -> digest. 6 classes, seed 0, 96-192 px are the defaults.
+REFERENCE_DIGESTS = {
+    (6, "train", range(4)): "518fc0686776cda9384c35f47c4174699bc6f094e3d51bdcea6b86e410822dca",
+    (6, "val", range(2)): "3793297ece57b9d97ac1bd4cf4313537f3494268ccf8221fe9abd7d83ed9d181",
+    (12, "train", range(4)): "c7d799bc563d1899025fc7a2d2c65868a97bdf31508a0db57909dc387ffd51b8",
+}
 
 
 def _generate(root: Path, seed: int = 0) -> Path:
@@ -167,11 +180,47 @@ def test_distractors_are_drawn_but_labelled_background(samples: list) -> None:
 
 def test_every_class_renders(tmp_path: Path) -> None:
     seen = set()
-    for index in range(40):
+    for index in range(80):
         sample = render_sample(sample_rng(2, "val", index), MAX_CLASSES, 48, 64)
         seen |= {obj.class_index for obj in sample.kept_objects}
         assert sample.image.shape == sample.mask.shape + (3,)
     assert seen == set(range(1, MAX_CLASSES + 1))
+
+
+def test_images_of_up_to_twelve_classes_are_those_of_main() -> None:
+    for (num_classes, split, indices), expected in REFERENCE_DIGESTS.items():
+        digest = hashlib.sha256()
+        for index in indices:
+            sample = render_sample(sample_rng(0, split, index), num_classes, 96, 192)
+            digest.update(sample.image.tobytes())
+            digest.update(sample.mask.tobytes())
+        assert digest.hexdigest() == expected, (num_classes, split)
+
+
+def test_twenty_classes_no_two_alike() -> None:
+    """A VOC-sized label set; each class its own shape, and two classes that share a texture never
+    share a hue range (so shape, colour and texture together tell every pair apart)."""
+    assert MAX_CLASSES >= VOC_CLASSES
+    assert len({spec.name for spec in CLASS_SPECS}) == MAX_CLASSES
+    for first, second in itertools.combinations(CLASS_SPECS, 2):
+        hue_gap = abs((first.hue - second.hue + 180.0) % 360.0 - 180.0)
+        assert first.texture != second.texture or hue_gap > 2 * HUE_SPREAD, (first.name, second.name)
+    assert len(COCO_CATEGORY_IDS) == MAX_CLASSES and list(COCO_CATEGORY_IDS) == sorted(set(COCO_CATEGORY_IDS))
+
+
+def test_voc_sized_twenty_class_set_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "voc_like"
+    main(["--out", str(root), "--num_classes", str(VOC_CLASSES), "--num_train", "2", "--num_val", "1",
+          "--min_size", str(VOC_MIN_SIZE), "--max_size", str(VOC_MAX_SIZE), "--seed", "3"])
+    assert f"{VOC_CLASSES} classes" in capsys.readouterr().out
+    descriptor = load_descriptor(root / "dataset.json")
+    assert descriptor.class_names == ("background", *(spec.name for spec in CLASS_SPECS[:VOC_CLASSES]))
+    reader = VOCReader(descriptor)
+    for image_id in _all_ids(reader):
+        height, width = reader.image_size(image_id)
+        assert VOC_MIN_SIZE <= min(height, width) and max(height, width) <= VOC_MAX_SIZE
+        values = set(np.unique(reader.load_mask(image_id, required=True)).tolist())
+        assert values - {0, IGNORE_INDEX} and values <= set(range(VOC_CLASSES + 1)) | {IGNORE_INDEX}
 
 
 def test_statistics_match_the_files(dataset: Path, reader: VOCReader) -> None:
@@ -202,7 +251,8 @@ def test_command_line_num_classes(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert "images per class" in printed and "[val] 2 images" in printed
     main(["--stats", str(root)])
     assert capsys.readouterr().out == printed
-    with pytest.raises(UsageError, match="num_classes"):  # run_main: exit status 2, as argparse's errors
-        main(["--out", str(tmp_path / "bad"), "--num_classes", str(MAX_CLASSES + 1)])
+    with pytest.raises(UsageError, match=rf"--num_classes must be in 1\.\.{MAX_CLASSES}, got 21$"):  # exit status 2
+        main(["--out", str(tmp_path / "bad"), "--num_classes", "21"])
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):
         main([])

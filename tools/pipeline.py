@@ -36,7 +36,7 @@ from core.backbones.weights import IMAGENET_ALIAS, PRETRAINED_NONE, PRETRAINED_T
 from tools.artifacts.files import ArtifactError, atomic_write_text, read_json
 from tools.artifacts.folders import missing_ids
 from tools.artifacts.model_card import read_card
-from tools.artifacts.paths import ExperimentPaths
+from tools.artifacts.paths import ExperimentPaths, evaluation_json
 from tools.artifacts.provenance import read_run, stale_reasons
 from tools.cli.arguments import UsageError
 from tools.cli.presets import recipe_variables
@@ -222,9 +222,9 @@ def evaluation_command(stage: Stage, settings: Settings) -> list[str]:
 
 
 def evaluation_file(stage: Stage, settings: Settings) -> Path:
+    """The JSON that ``evaluation_command`` writes (in the scored folder's ``reports/``)."""
     score = stage.score
-    folder = settings.paths.predictions(stage.output["folder"])
-    return folder / f"evaluation_{score['domain']}_{score['mode']}.json"
+    return evaluation_json(settings.paths.predictions(stage.output["folder"]), score["domain"], score["mode"])
 
 
 def printable(argv: list[str], python: str) -> str:

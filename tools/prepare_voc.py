@@ -304,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
             check_published(given, flag)
             inputs.append(given)
     descriptor = prepare(*inputs, args.out, args.workers, args.reference_lists, args.overwrite)
-    print(f"Next: python run_pipeline.py --recipe voc --data_dir {args.out} (or a stage with --dataset {descriptor})")
+    print(f"Next: python run_pipeline.py --recipe voc --data_dir {args.out}\n"
+          f"      python train_caae.py --dataset {descriptor}")  # or any other stage with this --dataset
 
 
 if __name__ == "__main__":

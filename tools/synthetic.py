@@ -8,9 +8,10 @@ minutes. The renderer is ``tools/data/synthetic/render.py``; the writers of the 
 ``--format coco`` MS COCO 2014's photos and instances JSON (for ``tools.prepare_coco``). The writers'
 docstrings list the files.
 
-Usage::
+Usage (the second line makes a VOC-like set: 20 classes, VOC-sized photos)::
 
     python -m tools.synthetic --out demo_data/synthetic --num_classes 6
+    python -m tools.synthetic --out DIR --num_classes 20 --num_train 1464 --num_val 1449 --min_size 375 --max_size 500
     python -m tools.synthetic --stats demo_data/synthetic
     python -m tools.synthetic --format coco --out demo_data/synthetic_coco
 """

@@ -8,9 +8,12 @@ Layout (``root`` defaults to ``experiments/``)::
     logs/<tag>.txt, logs/<tag>.json  text and JSON logs
     tensorboards/<tag>/              TensorBoard events
     predictions/<experiment name>/   one file per image id (.npz CAMs / random walk, .png labels)
+      reports/                       evaluate.py's JSON and plot, kept out of the per-id files so that a
+                                     glob of the folder's *.png / *.npz sees only labels and maps
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from tools.artifacts.model_card import card_path
 CAM_SUFFIX = ".npz"
 LEGACY_SUFFIX = ".npy"
 PNG_SUFFIX = ".png"
+AFFINITY_LABEL_NAME = re.compile(r"^(?P<cams>.+)@aff_fg=[^@_]+_bg=[^@]+(@swapped)?$")  # affinity_label_name's
+REPORTS_DIR = "reports"  # evaluation outputs inside a prediction folder
 
 
 # ----------------------------------------------------------------------------- naming
@@ -41,6 +46,13 @@ def affinity_label_name(cam_experiment: str, fg_threshold: float, bg_threshold: 
     return f"{cam_experiment}@aff_fg={fg_threshold:.2f}_bg={bg_threshold:.2f}"
 
 
+def affinity_label_source(label_name: str) -> str | None:
+    """The CAM folder name an ``affinity_label_name`` (plus ``make_affinity_labels.py``'s ``@swapped``) was
+    made from; None for a name of another form."""
+    match = AFFINITY_LABEL_NAME.match(label_name)
+    return match.group("cams") if match else None
+
+
 def random_walk_name(model_name: str, domain: str, beta: int, exp_times: int) -> str:
     return f"{model_name}@{domain_tag(domain)}@beta={beta}@exp_times={exp_times}@rw"
 
@@ -52,6 +64,17 @@ def crf_refinement_name(cam_experiment: str, settings: str) -> str:
 
 def pseudo_label_name(experiment_name: str, crf_iteration: int) -> str:
     return f"{experiment_name}@crf={crf_iteration}"
+
+
+def reports_dir(pred_dir: str | Path) -> Path:
+    """``<pred_dir>/reports``: where ``evaluate.py`` writes by default (out of the way of ``<id>.png``)."""
+    return Path(pred_dir) / REPORTS_DIR
+
+
+def evaluation_json(pred_dir: str | Path, ids_name: str, mode: str) -> Path:
+    """The default protocol's result of ``evaluate.py --domain <ids_name> --mode <mode>`` on ``pred_dir``:
+    ``<pred_dir>/reports/evaluation_<ids_name>_<mode>.json`` (its plot is the ``.png`` beside it)."""
+    return reports_dir(pred_dir) / f"evaluation_{ids_name}_{mode}.json"
 
 
 

@@ -84,12 +84,13 @@ def shard(ids: list[str], start: float, end: float) -> list[str]:
     return ids[int(len(ids) * start): int(len(ids) * end)]
 
 
-def dataset_flags(args: argparse.Namespace) -> str:
-    """The dataset flags to repeat in a printed next-stage command."""
+def dataset_flags(args: argparse.Namespace, with_list: bool = True) -> str:
+    """The dataset flags to repeat in a printed next-stage command; without ``--list`` for a next stage
+    that works on another list (DeepLab training's maps are made for val, not for the training list)."""
     flags = f"--dataset {args.dataset}"
     if args.data_dir:
         flags += f" --data_dir {args.data_dir}"
-    if args.list:
+    if args.list and with_list:
         flags += f" --list {args.list}"
     if args.experiments_dir != "experiments":
         flags += f" --experiments_dir {args.experiments_dir}"

@@ -11,13 +11,14 @@ script or a CPU refinement (``refine_crf.py``) is ``run_label_jobs`` with its pe
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from tools.artifacts.folders import pending_ids, require_complete
-from tools.artifacts.paths import PNG_SUFFIX
-from tools.artifacts.provenance import claim_output_folder, folder_input, model_input, run_record
+from tools.artifacts.paths import PNG_SUFFIX, ExperimentPaths
+from tools.artifacts.provenance import claim_output_folder, folder_input, model_input, read_run, run_record
 from tools.cli.stage_data import StageData, process_rank
 from tools.scoring.parallel import parallel_map
 
@@ -61,6 +62,23 @@ def record_inputs(inputs: dict[str, StageInput], ids: list[str], allow_pickle: b
         else:
             recorded[name] = model_input(source.path)
     return recorded
+
+
+def recorded_source(folder: Path, input_name: str, paths: ExperimentPaths) -> list[str] | None:
+    """How a printed command names the input folder ``input_name`` that ``folder`` was made from, as its
+    ``run.json`` records it: the name when it lies under ``paths``' ``predictions/``, else the path, plus
+    ``--external`` (or ``--allow_pickle``) when it was read that way. None when the record does not say."""
+    run = read_run(folder) if Path(folder).is_dir() else None
+    entry = (run or {}).get("inputs", {}).get(input_name)
+    if not isinstance(entry, dict) or "path" not in entry:
+        return None
+    path = Path(entry["path"])
+    words = [path.name if path == paths.predictions(path.name) else shlex.quote(str(path))]
+    if entry.get("external"):
+        words.append("--external")
+    elif entry.get("provenance") is None:
+        words.append("--allow_pickle")
+    return words
 
 
 def open_stage_output(args: argparse.Namespace, data: StageData, script: str, inputs: dict[str, StageInput],

@@ -1,9 +1,9 @@
 """The PASCAL VOC evaluation server's package of segmentation results.
 
-The server takes a ``.tar.gz`` of ``results/VOC2012/Segmentation/comp6_<domain>_cls/<id>.png``: one
-8-bit palette PNG per id of the list, with the VOC colour map, class indices ``0..20`` and the size
-of its image. ``comp6`` is the category of methods trained with outside data (ImageNet weights,
-SBD), where weakly supervised segmentation belongs.
+The server takes a ``.tar.gz`` of ``results/VOC2012/Segmentation/comp6_<split>_cls/<id>.png``, where
+``<split>`` is ``test`` or ``val``: one 8-bit palette PNG per id of that whole list, with the VOC colour
+map, class indices ``0..20`` and the size of its image. ``comp6`` is the category of methods trained with
+outside data (ImageNet weights, SBD), where weakly supervised segmentation belongs.
 """
 from __future__ import annotations
 
@@ -15,16 +15,28 @@ from PIL import Image
 
 from tools.artifacts.files import ArtifactError, atomic_path, atomic_write_bytes
 from tools.artifacts.paths import PNG_SUFFIX
+from tools.data.descriptor import DatasetDescriptor
 from tools.data.voc import VOCReader
 
 COMPETITION = "comp6"
+SPLITS = ("test", "val")  # the lists the server scores
 RESULTS_ROOT = Path("results") / "VOC2012" / "Segmentation"
 ARCHIVE_NAME = "results.tar.gz"
 
 
-def submission_dir(pred_dir: Path, domain: str) -> Path:
-    """``<pred_dir>/results/VOC2012/Segmentation/comp6_<domain>_cls``."""
-    return pred_dir / RESULTS_ROOT / f"{COMPETITION}_{domain}_cls"
+def submission_dir(pred_dir: Path, split: str) -> Path:
+    """``<pred_dir>/results/VOC2012/Segmentation/comp6_<split>_cls``."""
+    return pred_dir / RESULTS_ROOT / f"{COMPETITION}_{split}_cls"
+
+
+def submission_split(descriptor: DatasetDescriptor, domain: str, list_ids: list[str] | None) -> str | None:
+    """The server's split (``test`` / ``val``) of the ids a run made: the domain, or for a ``--list`` the split
+    of the descriptor holding exactly its ids; None when they are not a whole split."""
+    if list_ids is None:
+        return domain if domain in SPLITS else None
+    wanted = set(list_ids)
+    return next((split for split in SPLITS if split in descriptor.lists and set(descriptor.read_ids(split)) == wanted),
+                None)
 
 
 def check_submission_png(path: Path, image_size: tuple[int, int], num_classes: int, palette: np.ndarray) -> None:
@@ -47,18 +59,18 @@ def check_submission_png(path: Path, image_size: tuple[int, int], num_classes: i
         raise ArtifactError(f"{path}: value {int(values.max())} is not a class (0..{num_classes - 1})")
 
 
-def write_submission(pred_dir: Path, ids: list[str], reader: VOCReader, domain: str) -> Path:
+def write_submission(pred_dir: Path, ids: list[str], reader: VOCReader, split: str) -> Path:
     """Copy the predictions of ``ids`` into the server layout, check every file, pack ``results.tar.gz``.
 
     Returns the archive's path (inside ``pred_dir``); any problem is an ``ArtifactError`` naming the file.
     """
     descriptor = reader.descriptor
-    folder = submission_dir(pred_dir, domain)
+    folder = submission_dir(pred_dir, split)
     folder.mkdir(parents=True, exist_ok=True)
     names = {f"{image_id}{PNG_SUFFIX}" for image_id in ids}
     extra = sorted(path.name for path in folder.iterdir() if path.name not in names)
     if extra:
-        raise ArtifactError(f"{folder}: holds {len(extra)} file(s) not in the {domain} list, first '{extra[0]}'; "
+        raise ArtifactError(f"{folder}: holds {len(extra)} file(s) not in the {split} list, first '{extra[0]}'; "
                             "remove them (the server rejects extra files)")
     for image_id in ids:
         source = pred_dir / f"{image_id}{PNG_SUFFIX}"

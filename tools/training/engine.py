@@ -13,7 +13,8 @@ The ``Trainer`` does the rest: DDP under torchrun, the lr schedule, mixed precis
 accumulation, logs, best/last model selection and full checkpoints for ``--resume`` (written every
 epoch and when SIGINT/SIGTERM stops the run after the current optimiser step), ``--max_steps`` short runs,
 and the times of its steps, evaluations and saves for a measuring driver (``tools.cli.measurements``).
-Sketch of a script::
+Checkpoints leave out the parameters of frozen submodules (``tools.training.frozen``: SemFormer's CAAE), which
+the script rebuilds on resume as it built them at the start. Sketch of a script::
 
     parser = StageArgumentParser()               # tools.cli.arguments: @file.args, cross-flag checks
     add_dataset_args(parser)                     # tools.cli.stage_data: --dataset ... --experiments_dir
@@ -58,6 +59,7 @@ from tools.cli.measurements import EVALUATION, SAVE, STEP, measured
 from tools.training.config import TrainConfig, checkpoint_interval
 from tools.training.distributed import (DistContext, any_rank, any_ranks, destroy_distributed, gather_to_all,
                                         init_distributed, mean_over_ranks)
+from tools.training.frozen import FrozenParts
 from tools.training.logger import TrainingLogger, format_duration
 from tools.training.optimizer import build_scheduler
 from tools.training.precision import resolve_amp
@@ -225,6 +227,7 @@ class Trainer:
         self.micro_batch = micro_batch_size(config.batch_size, context.world_size, config.accum_steps)
 
         self.amp_dtype = resolve_amp(config.amp, context.device)
+        self.frozen = FrozenParts.of(model)  # left out of checkpoints (tools.training.frozen)
         self.module = model.to(context.device)
         self.model: nn.Module = self.module
         if context.is_distributed:
@@ -361,8 +364,9 @@ class Trainer:
         return dict(zip(names, torch.stack([totals[name] for name in names]).tolist()))
 
     def _diverged(self, loss: float) -> None:
-        """Stop on a non-finite loss before the step corrupts the weights: the model stays unfinished and the
-        last checkpoint is kept."""
+        """Stop on a non-finite loss before the step corrupts the weights: the model stays unfinished, the last
+        checkpoint is kept, and the JSON log records the iteration (``TrainingLogger.log_divergence``)."""
+        self.logger.log_divergence(self.global_step + 1, loss)
         iteration, _ = self._last_checkpoint
         kept = (f"the last checkpoint {self.paths.checkpoint(self.config.tag)} (iteration {iteration}) is kept"
                 if self.paths.checkpoint(self.config.tag).is_file() else "no checkpoint was written yet")
@@ -478,7 +482,8 @@ class Trainer:
             return
         state = {
             "format": CHECKPOINT_FORMAT,
-            "model": self.module.state_dict(),
+            "model": self.frozen.trained_state(self.module.state_dict()),
+            "frozen": self.frozen.record(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -511,7 +516,7 @@ class Trainer:
         if changed:
             raise ArtifactError(f"{path}: --resume needs the checkpoint's settings, but these changed: "
                              f"{'; '.join(changed)}. Use the original values, or a new --tag for a new run")
-        self.module.load_state_dict(state["model"])
+        self._load_model_state(path, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and state["scaler"]:
@@ -530,6 +535,18 @@ class Trainer:
             self._notes.append(f"the checkpoint has {len(rng_states)} process RNG states for "
                                f"{self.context.world_size} processes: RNGs reseeded, so random layers "
                                "(dropout) differ from the uninterrupted run; data order is unchanged")
+
+    def _load_model_state(self, path: Path, state: Mapping[str, Any]) -> None:
+        """The checkpoint's weights: all but the frozen parameters, which the script has rebuilt and which must
+        be those the checkpoint was trained with (a checkpoint without a ``frozen`` record holds them all)."""
+        if "frozen" in state and (mismatch := self.frozen.mismatch(state["frozen"])):
+            raise ArtifactError(f"{path}: cannot resume: {mismatch}; resume with the same ones, or start again "
+                                "with --overwrite")
+        missing, unexpected = self.module.load_state_dict(state["model"], strict=False)
+        missing = [key for key in missing if key not in self.frozen.keys]
+        if missing or unexpected:
+            raise ArtifactError(f"{path}: the checkpoint's model does not fit this one: missing {missing[:5]}, "
+                                f"unexpected {unexpected[:5]} (of {len(missing)} and {len(unexpected)})")
 
     # ------------------------------------------------------------------ signals
     @contextmanager

@@ -2,7 +2,8 @@
 
 - text: ``ExperimentPaths.text_log(tag)``, every line also printed (above the progress bar);
 - JSON: ``ExperimentPaths.json_log(tag)`` = ``{"train": [...], "validation": [...]}``, rewritten
-  atomically after each entry;
+  atomically after each entry, plus ``"diverged": {"iteration", "loss"}`` when the loss went non-finite
+  (the trace of a diverged run that the report shows; a new or resumed run starts without it);
 - TensorBoard: ``ExperimentPaths.tensorboard(tag)``, ``Train/<name>`` and ``Evaluation/<name>``.
 
 On other ranks (``enabled=False``) every method does nothing, so scripts call them unconditionally.
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from tools.artifacts.files import atomic_write_text
 from tools.artifacts.paths import ExperimentPaths
 
-TRAIN, VALIDATION = "train", "validation"
+TRAIN, VALIDATION, DIVERGED = "train", "validation", "diverged"
 
 
 class TrainingLogger:
@@ -84,6 +85,15 @@ class TrainingLogger:
     def log_validation(self, entry: dict[str, Any]) -> None:
         """One evaluation: ``entry`` holds ``iteration`` and the evaluation's scalar values."""
         self._append(VALIDATION, entry)
+
+    def log_divergence(self, iteration: int, loss: float) -> None:
+        """The iteration whose ``loss`` went non-finite: kept as ``diverged`` in the JSON log (the loss as text,
+        ``"nan"`` / ``"inf"``, which JSON cannot hold as a number) and printed."""
+        if not self.enabled:
+            return
+        self.history[DIVERGED] = {"iteration": iteration, "loss": str(loss)}
+        self._write_json()
+        self.info(f"[{DIVERGED}] iteration={iteration}, loss={loss}")
 
     def add_scalar(self, name: str, value: float, step: int | None = None) -> None:
         if self._writer is not None:

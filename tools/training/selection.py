@@ -5,6 +5,9 @@
 Both run on the ``train`` list with its ground truth (``--select_by gt``, the original's protocol).
 - DeepLab: single-scale mIoU on the ``val`` list, logged every epoch when val ground truth exists
   (``--select_by val`` keeps the best, which tunes on val; the default keeps the last).
+
+Each shows a ``validation`` progress bar (rank 0 runs them; the bar goes once the pass ends): at paper size
+a pass takes about 20 minutes on a CPU.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ from tools.scoring.metrics import ConfusionAccumulator
 
 SELECTION_THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)  # 0.01 .. 0.99, the original's 99 values
 CAM_EPSILON = 1e-5
+
+
+def progress(loader: DataLoader) -> tqdm:
+    """The batches of an evaluation pass behind the ``validation`` bar, which goes when the pass ends."""
+    return tqdm(loader, desc="validation", leave=False, dynamic_ncols=True)
 
 
 def binary_average_precision(predicted: Tensor, target: Tensor) -> Tensor:
@@ -51,7 +59,7 @@ def caae_selection_score(model: nn.Module, loader: DataLoader, device: torch.dev
     totals = torch.zeros(len(SELECTION_THRESHOLDS), dtype=torch.float64)
     count = 0
     levels = torch.as_tensor(SELECTION_THRESHOLDS, dtype=torch.float32)
-    for images, labels, _ in loader:
+    for images, labels, _ in progress(loader):
         images = images.to(device)
         labels = torch.cat([torch.ones(len(labels), 1), labels], dim=1)
         similarity = cosine_similarity(model.get_cre(images), model.get_crs(len(images))).float().cpu()
@@ -81,7 +89,7 @@ def semformer_selection_score(
     """
     accumulator = ConfusionAccumulator(num_classes, len(SELECTION_THRESHOLDS))
     levels = torch.as_tensor(SELECTION_THRESHOLDS, dtype=torch.float32)[:, None, None, None]
-    for index, (images, labels, masks) in enumerate(loader):
+    for index, (images, labels, masks) in enumerate(progress(loader)):
         cams = make_cam(segmentor(images.to(device)), labels.to(device)).cpu()
         if on_batch is not None:
             on_batch(index, images, cams)
@@ -107,7 +115,7 @@ def segmentation_selection_score(model: nn.Module, loader: DataLoader, num_class
     ``segmentation_eval_transform``); logits are resized to the mask (bilinear) and arg-maxed.
     """
     accumulator = ConfusionAccumulator(num_classes)
-    for images, _, masks in tqdm(loader, desc="validation", leave=False, dynamic_ncols=True):
+    for images, _, masks in progress(loader):
         logits = model(images.to(device))
         logits = F.interpolate(logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False)
         predictions = logits.argmax(1).cpu().numpy()

@@ -25,7 +25,9 @@ from tools.data.synthetic.render import (CLASS_SPECS, COVERAGE_THRESHOLD, DISTRA
                                          object_layer, overlap, sample_rng, to_uint8)
 
 COCO_SPLIT_FOLDERS = {"train": "train2014", "val": "val2014"}
-COCO_CATEGORY_IDS = (1, 3, 4, 8, 13, 15, 20, 27, 31, 44, 46, 90)  # ids with gaps, as COCO's 1..90
+# Category ids with gaps, as COCO's 1..90, in class order (prepare_coco numbers categories in id order);
+# classes 13-20 take ids past COCO's 90.
+COCO_CATEGORY_IDS = (1, 3, 4, 8, 13, 15, 20, 27, 31, 44, 46, 90, 91, 95, 102, 117, 130, 144, 163, 181)
 COCO_IMAGE_ID_STRIDE = 3
 ANNOTATION_ID_BLOCK = 10  # the annotations of image i have ids i * 10 + 0..9
 UNANNOTATED_PERIOD = 8  # images 7, 15, ... of a split show no object and have no annotation

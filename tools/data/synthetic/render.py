@@ -34,6 +34,7 @@ SUBPIXEL_BITS = 4  # cv2.fillPoly fixed-point precision
 COVERAGE_THRESHOLD = 0.5  # a pixel belongs to a shape where its anti-aliased coverage reaches this
 PHOTO_NOISE = 0.012  # standard deviation of the sensor noise added last
 MAX_LAYOUT_ATTEMPTS = 50
+RADIAL_SECTORS = 6  # light / dark sector pairs of the radial texture
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,10 @@ class ClassSpec:
 
 
 # Pairs share cues on purpose: disc/ring and square/cross share hues, disc/cross and triangle/ring
-# share textures, so a classifier must combine shape, colour and texture.
+# share textures, so a classifier must combine shape, colour and texture. Classes 13-20 (a VOC-sized
+# label set) follow the same rule (semicircle/trefoil and hourglass/diamond share hues, frame/hourglass,
+# chevron/trefoil and trapezoid/gear textures); they come after the first twelve, so a set of up to 12
+# classes renders exactly as before they were added.
 CLASS_SPECS = (
     ClassSpec("disc", 0.0, "stripes", 0.45),
     ClassSpec("square", 220.0, "checker", 0.50),
@@ -61,6 +65,14 @@ CLASS_SPECS = (
     ClassSpec("crescent", 135.0, "speckle", 0.40),
     ClassSpec("arrow", 320.0, "grid", 0.45),
     ClassSpec("pentagon", 58.0, "zigzag", 0.40),
+    ClassSpec("semicircle", 90.0, "rings", 0.45),
+    ClassSpec("frame", 160.0, "plain", 0.45),
+    ClassSpec("heart", 345.0, "speckle", 0.40),
+    ClassSpec("chevron", 255.0, "dashes", 0.45),
+    ClassSpec("trapezoid", 300.0, "radial", 0.45),
+    ClassSpec("trefoil", 100.0, "dashes", 0.40),
+    ClassSpec("hourglass", 198.0, "plain", 0.45),
+    ClassSpec("gear", 38.0, "radial", 0.40),
 )
 MAX_CLASSES = len(CLASS_SPECS)
 
@@ -143,6 +155,20 @@ _ARROW = np.array(
     [(-1.0, -0.25), (0.1, -0.25), (0.1, -0.7), (1.0, 0.0), (0.1, 0.7), (0.1, 0.25), (-1.0, 0.25)]
 )
 
+_HEART_T = np.linspace(0.0, 2.0 * np.pi, 64, endpoint=False)
+_HEART = np.stack([16.0 * np.sin(_HEART_T) ** 3, -(13.0 * np.cos(_HEART_T) - 5.0 * np.cos(2 * _HEART_T)
+                   - 2.0 * np.cos(3 * _HEART_T) - np.cos(4 * _HEART_T))], axis=1)
+_HEART -= (_HEART.max(0) + _HEART.min(0)) / 2.0
+_HEART /= np.linalg.norm(_HEART, axis=1).max()
+_SEMICIRCLE_T = np.linspace(0.0, np.pi, 33)
+_SEMICIRCLE = np.stack([np.cos(_SEMICIRCLE_T), np.sin(_SEMICIRCLE_T) - 0.5], axis=1) / math.hypot(1.0, 0.5)
+_CHEVRON = np.array([(-0.85, -0.45), (0.0, 0.3), (0.85, -0.45), (0.85, 0.1), (0.0, 0.9), (-0.85, 0.1)])
+_TRAPEZOID = np.array([(-0.9, 0.4), (-0.45, -0.45), (0.45, -0.45), (0.9, 0.4)])
+_TREFOIL = _polygon(96, radii=0.62 + 0.38 * np.cos(3.0 * np.arange(96) * 2.0 * np.pi / 96))
+_HOURGLASS = np.array([(-0.6, -0.8), (0.6, -0.8), (0.08, 0.0), (0.6, 0.8), (-0.6, 0.8), (-0.08, 0.0)])
+_GEAR_TEETH = 8
+_GEAR = _polygon(4 * _GEAR_TEETH, radii=np.tile([0.72, 1.0, 1.0, 0.72], _GEAR_TEETH))
+
 # Each shape is a list of (polygon in the unit circle, fill value): value 0 cuts a hole.
 _SHAPES: dict[str, Callable[[np.random.Generator], list[tuple[np.ndarray, int]]]] = {
     "disc": lambda rng: [(_CIRCLE, 1)],
@@ -157,6 +183,14 @@ _SHAPES: dict[str, Callable[[np.random.Generator], list[tuple[np.ndarray, int]]]
     "crescent": lambda rng: [(_CIRCLE, 1), (_CIRCLE * 0.8 + [0.42, 0.0], 0)],
     "arrow": lambda rng: [(_ARROW, 1)],
     "pentagon": lambda rng: [(_polygon(5), 1)],
+    "semicircle": lambda rng: [(_SEMICIRCLE, 1)],
+    "frame": lambda rng: [(_polygon(4, 45.0), 1), (_polygon(4, 45.0) * 0.55, 0)],
+    "heart": lambda rng: [(_HEART, 1)],
+    "chevron": lambda rng: [(_CHEVRON, 1)],
+    "trapezoid": lambda rng: [(_TRAPEZOID, 1)],
+    "trefoil": lambda rng: [(_TREFOIL, 1)],
+    "hourglass": lambda rng: [(_HOURGLASS, 1)],
+    "gear": lambda rng: [(_GEAR, 1), (_CIRCLE * 0.3, 0)],
 }
 
 
@@ -182,7 +216,8 @@ def _triangle_wave(x: np.ndarray) -> np.ndarray:
     return np.abs(x - np.floor(x) - 0.5)
 
 
-# Pattern in [0, 1] from object-frame coordinates u, v (pixels) and the period (pixels).
+# Pattern in [0, 1] from object-frame coordinates u, v (pixels) and the period (pixels); radial (sectors
+# around the centre) and plain (the light colour alone) do not depend on the period.
 _TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, float, np.random.Generator], np.ndarray]] = {
     "stripes": lambda u, v, p, rng: _soft_square(np.sin(2 * np.pi * u / p)),
     "checker": lambda u, v, p, rng: _soft_square(np.sin(np.pi * u / p) * np.sin(np.pi * v / p) * 2.0),
@@ -195,6 +230,9 @@ _TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, float, np.random.Generato
     ),
     "zigzag": lambda u, v, p, rng: _soft_square(np.sin(2 * np.pi * (u + p * _triangle_wave(v / p)) / p)),
     "speckle": lambda u, v, p, rng: (rng.random(u.shape) < 0.5).astype(np.float64),
+    "plain": lambda u, v, p, rng: np.ones_like(u),
+    "dashes": lambda u, v, p, rng: _soft_square(np.sin(2 * np.pi * u / p)) * _soft_square(np.sin(np.pi * v / p)),
+    "radial": lambda u, v, p, rng: _soft_square(np.sin(RADIAL_SECTORS * np.arctan2(v, u))),
 }
 
 
