@@ -25,6 +25,7 @@ from tools.artifacts.paths import CAM_SUFFIX, prediction_file, random_walk_name
 from tools.artifacts.predictions import load_prediction, save_walk
 from tools.cli.arguments import StageArgumentParser, add_shard_args, non_negative_int, positive_float, positive_int
 from tools.cli.exits import run_main
+from tools.cli.measurements import measured_images
 from tools.cli.model_args import load_model_config
 from tools.cli.stage_data import (add_dataset_args, add_output_args, dataset_flags, open_stage_data, prediction_folder,
                                   rank_shard, shard)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
               "model": ModelInput(model_path)}
     output = open_stage_output(args, data, Path(__file__).name, inputs, output_name(args), CAM_SUFFIX,
                                rank_shard(shard(data.ids, args.start, args.end)), "random-walk files")
-    for image_id in tqdm(output.todo, desc="random walk", dynamic_ncols=True):
+    for image_id in measured_images(tqdm(output.todo, desc="random walk", dynamic_ncols=True)):
         image = data.reader.load_image(image_id)
         cams = load_prediction(prediction_file(cam_dir, image_id), data.descriptor.num_classes,
                                allow_pickle=args.allow_pickle, image_size=(image.height, image.width),

@@ -31,6 +31,7 @@ from tools.artifacts.folders import missing_ids
 from tools.artifacts.paths import PNG_SUFFIX, format_scales
 from tools.cli.arguments import StageArgumentParser, UsageError, add_shard_args, parse_scales
 from tools.cli.exits import run_main
+from tools.cli.measurements import measured_images
 from tools.cli.model_args import load_model_config
 from tools.cli.stage_data import (StageData, add_dataset_args, add_jobs_arg, add_output_args, dataset_flags,
                                   open_stage_data, process_rank, rank_shard, shard)
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     palette = data.descriptor.palette
     print(args.crf.describe() if args.crf else "no CRF")
     with BackgroundJobs(args.n_jobs if args.crf else 1) as crf_jobs:
-        for image_id in tqdm(output.todo, desc="segmentation", dynamic_ncols=True):
+        for image_id in measured_images(tqdm(output.todo, desc="segmentation", dynamic_ncols=True)):
             image = data.reader.load_image(image_id)
             probs = multiscale_probabilities(model, normalize(image).to(device), args.scales, args.flip, args.fusion)
             path = out_dir / f"{image_id}{PNG_SUFFIX}"

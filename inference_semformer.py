@@ -28,6 +28,7 @@ from tools.cli.arguments import (StageArgumentParser, UsageError, add_shard_args
                                  parse_scales, positive_int)
 from tools.cli.cam_limits import check_cam_inputs
 from tools.cli.exits import run_main
+from tools.cli.measurements import measured_images
 from tools.cli.model_args import add_semformer_args, load_model_config, semformer_config
 from tools.cli.stage_data import (add_dataset_args, add_output_args, dataset_flags, evaluation_domain, open_stage_data,
                                   rank_shard, shard)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                                ids, "CAM files")
     loader = DataLoader(CAMMakingDataset(data.reader, output.todo, args.scales, segmentor.backbone.patch_size),
                         batch_size=None, num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    for image_id, keys, size, inputs in tqdm(loader, desc="CAMs", dynamic_ncols=True):
+    for image_id, keys, size, inputs in measured_images(tqdm(loader, desc="CAMs", dynamic_ncols=True)):
         inputs = [scaled.to(device, non_blocking=True) for scaled in inputs]
         with autocast(device, args.amp):
             cams = multiscale_cams(activations, inputs, size, keys, segmentor.backbone.patch_size, args.exact_hr_cam)

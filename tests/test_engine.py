@@ -20,6 +20,7 @@ from tests.engine_toy_train import main as toy_main
 from tests.engine_toy_train import toy_step
 from tools.artifacts.files import ArtifactError
 from tools.artifacts.paths import ExperimentPaths
+from tools.cli import measurements
 from tools.training.config import TrainConfig
 from tools.training.distributed import DistContext
 from tools.training.engine import Trainer
@@ -272,6 +273,28 @@ def test_eval_every_skips_epochs_but_always_scores_the_last(tmp_path):
     assert evaluated_at == [4, 8, 9]  # epochs 2 and 4 of 2 steps, then the partial fifth
     validation = json.loads(ExperimentPaths(tmp_path).json_log(TAG).read_text())["validation"]
     assert [entry["iteration"] for entry in validation] == [4, 8, 9]
+
+
+@pytest.mark.parametrize("samples", [5, 64])  # fewer than one batch: repeated; more than the steps need: cut
+def test_max_steps_is_one_evaluated_epoch_whose_times_are_reported(tmp_path, monkeypatch, samples):
+    monkeypatch.setenv(measurements.MEASUREMENTS_VARIABLE, str(tmp_path / "measured"))
+    monkeypatch.setattr(measurements, "_RECORD", measurements._Record())
+    evaluated_at: list[int] = []
+    config = TrainConfig(tag=TAG, max_epoch=200, batch_size=8, lr=0.1, weight_decay=1e-4, max_steps=3,
+                         experiments_dir=str(tmp_path))
+    model = ToyNet()
+    optimizer = build_optimizer(parameter_groups(model, 0.1, 1e-4), 0.1, 1e-4)
+    trainer = Trainer(config, SINGLE_CPU, model, optimizer, ToyDataset(samples), toy_step,
+                      evaluate=lambda module: evaluated_at.append(trainer.global_step) or {"score": 1.0})
+    result = trainer.fit()
+    assert (result.global_step, result.epochs_done, evaluated_at) == (3, 1, [3])
+    assert ExperimentPaths(tmp_path).model(TAG).is_file()
+    assert optimizer.param_groups[0]["lr"] == 0.0  # the schedule spans the 3 steps
+    measurements.write_measurements()
+    [reported] = measurements.read_measurements(tmp_path / "measured")
+    assert {kind: len(times) for kind, times in reported["seconds"].items()} == {"step": 3, "evaluation": 1, "save": 1}
+    assert all(seconds > 0 for times in reported["seconds"].values() for seconds in times)
+    assert reported["peak_rss_bytes"] > 10 * 2**20
 
 
 def test_gt_selection_needs_an_evaluation(tmp_path):

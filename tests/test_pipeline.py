@@ -19,7 +19,7 @@ from tests.cli_runner import REPO, run_completed, run_script
 from tools.artifacts.files import load_label_png
 from tools.cli.presets import vit_flags
 from tools.data.descriptor import load_descriptor
-from tools.pipeline import RECIPES, Settings, build_stages, load_recipe
+from tools.pipeline import RECIPES, Overrides, Settings, build_stages, load_recipe, plan, with_overrides
 from tools.report import example_rows
 
 STAGE_LINE = re.compile(r"^=== .* \((\w+)\): (.*)$", re.MULTILINE)
@@ -98,6 +98,18 @@ def test_a_changed_setting_reruns_that_stage_and_the_later_ones_only(finished, t
                                      "random_walk")} == {"done"}
     back = decisions(pipeline(data, experiments))  # the original recipe: its settings differ again
     assert back["pseudo_labels"].startswith("changed") and back["cams"] == "done"
+
+
+def test_an_override_is_part_of_the_command_the_provenance_check_sees(finished):
+    data, experiments, _ = finished
+    recipe = load_recipe("smoke")
+    settings = Settings.from_recipe(recipe, str(data), str(experiments))
+    overrides = Overrides.from_arguments(None, ["pseudo_labels=--threshold 0.3", "*=--num_workers 0"])
+    stages = {stage.name: stage for stage in with_overrides(build_stages(recipe, settings.data_dir), overrides,
+                                                             settings)}
+    extra, reason = plan(stages["pseudo_labels"], settings)
+    assert extra == ["--overwrite"] and reason.startswith("changed: --threshold 0.25 -> 0.3")
+    assert plan(stages["cams"], settings) == (None, "done")  # --num_workers: how fast, not what; no change
 
 
 def test_killed_mid_stage_then_rerun_gives_the_same_table(finished, tmp_path):

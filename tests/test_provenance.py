@@ -14,7 +14,8 @@ from tests.test_engine import SINGLE_CPU
 from tools.artifacts.files import ArtifactError, save_png
 from tools.artifacts.model_card import describe_model, write_card
 from tools.artifacts.paths import ExperimentPaths
-from tools.artifacts.provenance import RUN_FILE, claim_output_folder, folder_input, model_input, read_run, run_record
+from tools.artifacts.provenance import (RUN_FILE, claim_output_folder, folder_input, model_input, read_run, run_record,
+                                        stale_reasons)
 from tools.cli.model_args import load_model_config
 from tools.data.descriptor import load_descriptor
 from tools.data.voc import VOCReader
@@ -62,6 +63,14 @@ def test_claim_reuses_a_matching_folder_and_refuses_another_one(tmp_path):
 
     claim_output_folder(folder, other, ".npz", overwrite=True)
     assert not (folder / "a.npz").exists() and read_run(folder)["provenance"] == other["provenance"]
+
+
+def test_a_flag_added_since_at_its_off_value_is_no_change_but_set_it_is():
+    recorded = run_record("train_caae.py", {"tag": "A", "lr": 0.1})  # made before --max_steps existed
+    now = {"tag": "A", "lr": 0.1, "max_steps": None}
+    assert stale_reasons(recorded, now) == []
+    assert stale_reasons(recorded, {**now, "max_steps": 4}) == ["--max_steps <unset> -> 4"]
+    assert stale_reasons(recorded, {**now, "lr": 0.2}) == ["--lr 0.1 -> 0.2"]
 
 
 def test_files_without_run_json_are_refused_as_output_and_as_input(tmp_path):

@@ -25,6 +25,7 @@ from tools.artifacts.paths import CAM_SUFFIX
 from tools.artifacts.provenance import claim_output_folder, run_record
 from tools.cli.arguments import StageArgumentParser
 from tools.cli.exits import run_main
+from tools.cli.measurements import measured_images
 from tools.cli.stage_data import add_dataset_args, open_stage_data
 
 KINDS = ("centre", "uniform")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> Path:
     data = open_stage_data(args, labels=True)
     output_dir = data.paths.predictions(args.experiment_name)
     claim_output_folder(output_dir, run_record("tools/baseline_cams.py", args), CAM_SUFFIX, overwrite=True)
-    for image_id in tqdm(data.ids, desc=f"baseline CAMs ({args.kind})"):
+    for image_id in measured_images(tqdm(data.ids, desc=f"baseline CAMs ({args.kind})")):
         height, width = data.reader.image_size(image_id)
         arrays = baseline_cams(args.kind, data.reader.load_label(image_id), height, width)
         save_npz(output_dir / f"{image_id}{CAM_SUFFIX}", **arrays)

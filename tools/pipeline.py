@@ -4,54 +4,54 @@ A recipe (``data/recipes/<name>.json``) is data: the dataset, text variables, an
 title, one command, what it writes (``{"model": tag}`` or ``{"folder", "suffix", "domain"}``),
 optionally how it is scored (``{"mode", "domain"}``, through ``evaluate.py``) and whether it runs
 under ``torchrun`` with ``--gpus``. Every command gets ``--dataset``, ``--data_dir`` and
-``--experiments_dir``.
+``--experiments_dir``, absolute: paths written in a recipe are relative to the repository root (where
+the stages run), paths given on the command line to the current folder. Overrides (``Overrides``:
+``--pretrained``, ``--stage_flags``) follow a command's own flags, so they win, and are part of it: the
+provenance check sees them.
 
 A stage is skipped when its output is complete and its provenance (``tools.artifacts.provenance``) matches
 the command: same settings and dataset, inputs not remade since. Otherwise it runs: a model with ``--resume auto``
 if a matching run was interrupted, ``--overwrite`` if its settings or inputs changed; a folder
 with ``--overwrite`` if it was made another way (finished files are kept when it was not). Stage
 output goes to ``<experiments>/logs/pipeline@<recipe>/<stage>.log``; the terminal shows the stage's
-progress bar. Times and scores are kept in ``<experiments>/logs/pipeline@<recipe>.json``, so a rerun
-prints the same table.
+progress bar (``tools.cli.stage_process``). Times and scores are kept in
+``<experiments>/logs/pipeline@<recipe>.json``, so a rerun prints the same table.
 """
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import logging
 import os
-import re
 import shlex
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import redirect_stderr
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from core.backbones.weights import IMAGENET_ALIAS, PRETRAINED_NONE, PRETRAINED_TIMM
 from tools.artifacts.files import ArtifactError, atomic_write_text, read_json
 from tools.artifacts.folders import missing_ids
 from tools.artifacts.model_card import read_card
 from tools.artifacts.paths import ExperimentPaths, evaluation_json
 from tools.artifacts.provenance import read_run, stale_reasons
-from tools.cli.exits import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, STATUS_DIR_VARIABLE, CommandFailed,
-                             reported_statuses)
+from tools.cli.arguments import UsageError
 from tools.cli.presets import recipe_variables
 from tools.cli.repository import REPOSITORY, stage_script
+from tools.cli.stage_process import run_logged
 from tools.data.descriptor import load_descriptor
 
 LOG = logging.getLogger(__name__)
 
 RECIPES = REPOSITORY / "data" / "recipes"
-PROGRESS = re.compile(r"\d+/\d+ \[")  # a tqdm bar: "12/50 [00:03<00:09, ...]"
-QUIET_PROGRESS_SECONDS = 30.0  # progress lines when the terminal is not interactive
-FAILURE_TAIL_LINES = 30
 DEFAULT_EXPERIMENTS = "experiments"
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TORCHRUN_MODULE = "torch.distributed.run"  # the module behind the torchrun command
+ALL_STAGES = "*"  # --stage_flags '*=FLAGS': every stage that takes them
+PRETRAINED_WORDS = (PRETRAINED_TIMM, PRETRAINED_NONE, IMAGENET_ALIAS)  # --pretrained values that are not paths
+UNRECOGNIZED = "unrecognized arguments"  # argparse's message for a flag the script does not have
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class Stage:
     output: dict[str, str]
     score: dict[str, str] | None
     distributed: bool
+    overrides: tuple[str, ...] = ()  # flags from the command line, after the common ones (``with_overrides``)
 
     @property
     def script(self) -> str:
@@ -73,9 +74,15 @@ class Stage:
         return self.argv[2:] if self.argv[0] == "-m" else self.argv[1:]
 
 
+def absolute(path: str | Path, base: Path | None = None) -> str:
+    """``path`` made absolute: against ``base`` (the repository root, for a recipe's paths), else against the
+    current folder (the command line's); normalised, symbolic links kept."""
+    return os.path.normpath(Path(base or Path.cwd()) / path)
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Where the recipe runs: data, artifacts, processes per node (0: plain python)."""
+    """Where the recipe runs: data, artifacts (absolute paths), processes per node (0: plain python)."""
 
     data_dir: str
     dataset: str
@@ -92,12 +99,67 @@ class Settings:
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], data_dir: str | None = None, experiments_dir: str | None = None,
-                    gpus: int = 0) -> Settings:
-        """The flags where given, else the recipe's ``data_dir`` and ``experiments_dir`` (default
-        ``experiments``; the demo and smoke recipes keep theirs under ``demo_data/``)."""
-        data_dir = data_dir or recipe["data_dir"]
-        return cls(data_dir=data_dir, dataset=recipe["dataset"].format(data_dir=data_dir),
-                   experiments_dir=experiments_dir or recipe.get("experiments_dir", DEFAULT_EXPERIMENTS), gpus=gpus)
+                    gpus: int = 0, dataset: str | None = None) -> Settings:
+        """The flags where given (relative to the current folder), else the recipe's ``data_dir``,
+        ``experiments_dir`` (default ``experiments``; the demo and smoke recipes keep theirs under ``demo_data/``)
+        and ``dataset`` (with ``{data_dir}`` filled in), relative to the repository root; all absolute."""
+        data_dir = absolute(data_dir) if data_dir else absolute(recipe["data_dir"], REPOSITORY)
+        dataset = absolute(dataset) if dataset else absolute(recipe["dataset"].format(data_dir=data_dir), REPOSITORY)
+        experiments_dir = (absolute(experiments_dir) if experiments_dir
+                           else absolute(recipe.get("experiments_dir", DEFAULT_EXPERIMENTS), REPOSITORY))
+        return cls(data_dir=data_dir, dataset=dataset, experiments_dir=experiments_dir, gpus=gpus)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Flags the command line adds to a recipe's commands, after their own (so they win): ``pretrained`` to every
+    stage whose script takes ``--pretrained``, and each ``stage_flags`` entry ``(stage name, flags)`` to that
+    stage; ``*`` entries go to every stage, each option only where the stage's script takes it, before a
+    stage's own entries."""
+
+    pretrained: str | None = None
+    stage_flags: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @classmethod
+    def from_arguments(cls, pretrained: str | None, entries: list[str] | None) -> Overrides:
+        """From ``--pretrained`` (a path made absolute) and the ``--stage_flags STAGE=FLAGS`` texts."""
+        parsed = []
+        for entry in entries or ():
+            name, separator, flags = entry.partition("=")
+            if not separator or not name.strip() or name.strip().startswith("-"):
+                raise UsageError(f"--stage_flags {entry!r}: expected STAGE=FLAGS, e.g. caae='--batch_size 32', or "
+                                 f"{ALL_STAGES}=FLAGS for every stage that takes them")
+            try:
+                parsed.append((name.strip(), tuple(shlex.split(flags))))
+            except ValueError as error:
+                raise UsageError(f"--stage_flags {entry!r}: {error}") from None
+        if pretrained is not None and pretrained not in PRETRAINED_WORDS:
+            if not Path(pretrained).is_file():
+                raise UsageError(f"--pretrained {pretrained}: no such file (give {', '.join(PRETRAINED_WORDS)} or a "
+                                 "weight file)")
+            pretrained = absolute(pretrained)
+        return cls(pretrained, tuple(parsed))
+
+    def general_groups(self) -> list[tuple[str, ...]]:
+        """The options for every stage that takes them, one tuple (option and values) each."""
+        groups = [("--pretrained", self.pretrained)] if self.pretrained else []
+        for name, flags in self.stage_flags:
+            if name == ALL_STAGES:
+                groups.extend(option_groups(flags))
+        return groups
+
+
+def option_groups(flags: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """``--a 1 --b`` -> ``[("--a", "1"), ("--b",)]``: each option with the values that follow it."""
+    groups: list[list[str]] = []
+    for token in flags:
+        if token.startswith("--"):
+            groups.append([token])
+        elif not groups:
+            raise UsageError(f"--stage_flags {ALL_STAGES}={shlex.join(flags)}: {token!r} is not an option (--name)")
+        else:
+            groups[-1].append(token)
+    return [tuple(group) for group in groups]
 
 
 def recipe_names() -> list[str]:
@@ -146,7 +208,7 @@ def command(stage: Stage, settings: Settings, extra: list[str] = ()) -> list[str
     """The full command line of a stage: under ``torchrun`` when it is distributed and ``--gpus`` > 0, as the
     interpreter's own launcher module (``python -m torch.distributed.run``, what ``torchrun`` runs), so it
     works when the virtual environment's ``bin/`` is not on ``PATH``."""
-    arguments = [*stage.argv, *settings.common_flags(), *extra]
+    arguments = [*stage.argv, *settings.common_flags(), *stage.overrides, *extra]
     if stage.distributed and settings.gpus > 0:
         return [settings.python, "-m", TORCHRUN_MODULE, "--standalone", f"--nproc_per_node={settings.gpus}",
                 *arguments]
@@ -170,9 +232,51 @@ def printable(argv: list[str], python: str) -> str:
 
 
 # ----------------------------------------------------------------------------- status
-def parsed_args(stage: Stage, settings: Settings):
+def parse_stage_command(stage: Stage, arguments: list[str]) -> argparse.Namespace:
+    """The stage script's own ``parse_args`` of ``arguments``; flags it refuses are a ``UsageError`` naming the
+    stage and argparse's reason."""
+    errors = io.StringIO()
+    try:
+        with redirect_stderr(errors):
+            return stage_script(stage.script).parse_args(arguments)
+    except SystemExit:
+        lines = errors.getvalue().strip().splitlines() or ["its flags are refused"]
+        raise UsageError(f"stage {stage.name} ({stage.script}): {lines[-1].split('error: ', 1)[-1]}") from None
+
+
+def parsed_args(stage: Stage, settings: Settings) -> argparse.Namespace:
     """The stage script's own ``parse_args`` of its command: the settings its run would record."""
-    return stage_script(stage.script).parse_args([*stage.arguments, *settings.common_flags()])
+    return parse_stage_command(stage, [*stage.arguments, *settings.common_flags(), *stage.overrides])
+
+
+def takes(stage: Stage, settings: Settings, group: tuple[str, ...]) -> bool:
+    """Whether the stage's script has the option of ``group`` (an option and its values); a value it refuses
+    is a ``UsageError``."""
+    try:
+        parse_stage_command(stage, [*stage.arguments, *settings.common_flags(), *group])
+    except UsageError as error:
+        if UNRECOGNIZED in str(error):
+            return False
+        raise
+    return True
+
+
+def with_overrides(stages: list[Stage], overrides: Overrides, settings: Settings) -> list[Stage]:
+    """The stages with the command line's flags (``Overrides``), each command checked by its script's parser."""
+    names = [stage.name for stage in stages]
+    for name, _ in overrides.stage_flags:
+        if name != ALL_STAGES and name not in names:
+            raise UsageError(f"--stage_flags {name}=...: no stage {name!r}; the recipe's stages are {', '.join(names)}")
+    groups = overrides.general_groups()
+    if not groups and not overrides.stage_flags:
+        return stages
+    changed = []
+    for stage in stages:
+        flags = [token for group in groups if takes(stage, settings, group) for token in group]
+        flags += [token for name, own in overrides.stage_flags if name == stage.name for token in own]
+        changed.append(replace(stage, overrides=tuple(flags)))
+        parsed_args(changed[-1], settings)
+    return changed
 
 
 def plan(stage: Stage, settings: Settings) -> tuple[list[str] | None, str]:
@@ -210,104 +314,45 @@ def plan(stage: Stage, settings: Settings) -> tuple[list[str] | None, str]:
     return None, "done"
 
 
-# ----------------------------------------------------------------------------- running
-class ProgressEcho:
-    """Shows the latest progress bar of a stage on the terminal (every 30 s when not interactive)."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.interactive = sys.stdout.isatty()
-        self.last_print = 0.0
-        self.shown = False
-
-    def offer(self, fragment: str) -> None:
-        if not PROGRESS.search(fragment):
-            return
-        now = time.monotonic()
-        if self.interactive:
-            width = shutil.get_terminal_size().columns
-            sys.stdout.write("\r" + f"  {self.label}: {fragment.strip()}"[: width - 1].ljust(width - 1))
-            sys.stdout.flush()
-            self.shown = True
-        elif now - self.last_print >= QUIET_PROGRESS_SECONDS:
-            LOG.info(f"  {self.label}: {fragment.strip()}")
-            self.last_print = now
-
-    def close(self) -> None:
-        if self.shown:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-
-
-@contextmanager
-def forward_signals(process: subprocess.Popen) -> Iterator[None]:
-    """Pass SIGINT/SIGTERM/SIGHUP on to ``process`` (which runs in its own session, so a Ctrl-C reaches it
-    once, through here): a training stage then saves its checkpoint and exits with ``EXIT_INTERRUPTED``."""
-    previous = {number: signal.getsignal(number) for number in FORWARDED_SIGNALS}
-    for number in FORWARDED_SIGNALS:
-        signal.signal(number, lambda received, frame: process.send_signal(received))
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-def run_logged(argv: list[str], log: Path, label: str) -> None:
-    """Run ``argv`` from the repository root, all its output appended to ``log``, its progress echoed;
-    a failure prints the log's last lines and stops the pipeline (an interrupted stage with exit status
-    ``EXIT_INTERRUPTED``, which a rerun of the pipeline resumes)."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    echo = ProgressEcho(label)
-    statuses = Path(tempfile.mkdtemp(prefix=f".{label}.status.", dir=log.parent))  # each rank's own status
-    environment = {**os.environ, "PYTHONUNBUFFERED": "1", STATUS_DIR_VARIABLE: str(statuses)}
-    with open(log, "ab") as handle:
-        handle.write(f"$ {shlex.join(argv)}\n".encode())
-        process = subprocess.Popen(argv, cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=environment, start_new_session=True)
-        pending = b""
-        assert process.stdout is not None
-        with forward_signals(process):
-            while chunk := process.stdout.read1(65536):
-                handle.write(chunk)
-                handle.flush()
-                pending += chunk
-                *fragments, pending = re.split(rb"[\r\n]", pending)
-                for fragment in fragments[-3:]:
-                    echo.offer(fragment.decode(errors="replace"))
-            code = process.wait()
-    echo.close()
-    reported = reported_statuses(statuses)
-    shutil.rmtree(statuses, ignore_errors=True)
-    if code != 0:  # torchrun ends with 1 whatever its workers' statuses: theirs decide
-        code = next((status for status in (EXIT_INTERRUPTED, EXIT_USAGE) if status in reported), code)
-    if code == EXIT_INTERRUPTED:
-        LOG.error(f"interrupted: {label} stopped after saving its checkpoint; run the same run_pipeline.py command "
-                  f"again to continue (log {log})")
-        raise SystemExit(EXIT_INTERRUPTED)
-    if code != 0:
-        lines = log.read_text(errors="replace").replace("\r", "\n").splitlines()
-        tail = "\n".join(line for line in lines if line.strip())[-4000:].splitlines()[-FAILURE_TAIL_LINES:]
-        raise CommandFailed(f"stage command failed ({code}): {shlex.join(argv)}\n" + "\n".join(tail)
-                            + f"\nfull log: {log}", status=EXIT_USAGE if code == EXIT_USAGE else EXIT_ERROR)
-
-
 def read_miou(path: Path) -> float | None:
     return json.loads(path.read_text())["best"]["miou"] if path.is_file() else None
 
 
+def recipe_stages(recipe: dict[str, Any], settings: Settings, overrides: Overrides) -> list[Stage]:
+    """The recipe's stages as they run here: variables expanded, the command line's overrides added."""
+    return with_overrides(build_stages(recipe, settings.data_dir), overrides, settings)
+
+
+def make_data_command(recipe: dict[str, Any], settings: Settings) -> list[str] | None:
+    """The command that makes the recipe's dataset (its ``make_data``), None for a recipe without one."""
+    if "make_data" not in recipe:
+        return None
+    return [settings.python, *(part.format(data_dir=settings.data_dir) for part in recipe["make_data"])]
+
+
+def ensure_dataset(recipe: dict[str, Any], settings: Settings, logs: Path) -> None:
+    """Make the recipe's dataset when its descriptor is missing (the synthetic sets, COCO's preparation)."""
+    if Path(settings.dataset).is_file():
+        return
+    make = make_data_command(recipe, settings)
+    if make is None:
+        raise ArtifactError(f"{settings.dataset}: dataset descriptor not found (see the README's Data section)")
+    LOG.info(f"=== dataset\n+ {printable(make, settings.python)}")
+    run_logged(make, logs / "dataset.log", "dataset")
+
+
 def run_recipe(name: str, settings: Settings, first: str | None = None, last: str | None = None,
-               dry_run: bool = False, force: bool = False) -> list[dict[str, Any]]:
-    """Run (or print) the recipe's stages ``first``..``last``; ``force`` redoes them even when done
-    (after a code change: provenance compares settings and inputs, not code). Returns the table
-    rows (stage, list, mIoU, seconds) of every stage."""
+               dry_run: bool = False, force: bool = False, overrides: Overrides | None = None) -> list[dict[str, Any]]:
+    """Run (or print) the recipe's stages ``first``..``last`` with the command line's ``overrides``; ``force``
+    redoes them even when done (after a code change: provenance compares settings and inputs, not code).
+    Returns the table rows (stage, list, mIoU, seconds) of every stage."""
     recipe = load_recipe(name)
-    stages = build_stages(recipe, settings.data_dir)
+    stages = recipe_stages(recipe, settings, overrides or Overrides())
     chosen = select(stages, first, last)
     if dry_run:
-        if "make_data" in recipe:
-            make = [part.format(data_dir=settings.data_dir) for part in recipe["make_data"]]
-            LOG.info(f"# if {settings.dataset} does not exist:\n{printable([settings.python, *make], settings.python)}")
+        make = make_data_command(recipe, settings)
+        if make is not None:
+            LOG.info(f"# if {settings.dataset} does not exist:\n{printable(make, settings.python)}")
         for stage in chosen:
             LOG.info(f"# {stage.title}\n{printable(command(stage, settings), settings.python)}")
             if stage.score:
@@ -317,12 +362,7 @@ def run_recipe(name: str, settings: Settings, first: str | None = None, last: st
     logs = settings.paths.root / "logs" / f"pipeline@{label}"
     state_path = settings.paths.root / "logs" / f"pipeline@{label}.json"
     state = read_json(state_path, "pipeline state", {})
-    if not Path(settings.dataset).is_file():
-        if "make_data" not in recipe:
-            raise ArtifactError(f"{settings.dataset}: dataset descriptor not found (see the README's Data section)")
-        make = [part.format(data_dir=settings.data_dir) for part in recipe["make_data"]]
-        LOG.info(f"=== dataset\n+ {printable([settings.python, *make], settings.python)}")
-        run_logged([settings.python, *make], logs / "dataset.log", "dataset")
+    ensure_dataset(recipe, settings, logs)
     for stage in chosen:
         if force:
             extra, reason = (["--overwrite"] if hasattr(parsed_args(stage, settings), "overwrite") else []), "forced"

@@ -241,12 +241,16 @@ def _dataset_change(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
 
 # ----------------------------------------------------------------------------- outputs
 def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two records' script, settings and inputs."""
+    """Human-readable differences between two records' script, settings and inputs. A setting the old record
+    lacks and the new one holds as None is a flag added since, at its off value (``--max_steps``): no
+    difference, so adding a flag does not make every recorded artifact stale."""
     found = []
     if old.get("script") != new["script"]:
         found.append(f"script {old.get('script')} -> {new['script']}")
     old_settings, new_settings = old.get("settings", {}), new["settings"]
     for name in sorted(set(old_settings) | set(new_settings)):
+        if name not in old_settings and new_settings[name] is None:
+            continue
         if old_settings.get(name, "<unset>") != new_settings.get(name, "<unset>"):
             found.append(f"--{name} {old_settings.get(name, '<unset>')} -> {new_settings.get(name, '<unset>')}")
     if old.get("dataset") != new.get("dataset"):

@@ -48,12 +48,17 @@ class StageArgumentParser(argparse.ArgumentParser):
     def _given(self, args: Sequence[str] | None) -> tuple[str, ...]:
         """The dests that the command line (or an ``@file``) sets: argparse applies no default to an
         attribute the namespace already has, so in a namespace of ``unset`` sentinels the dests that
-        still hold the sentinel after parsing were not given."""
-        unset = object()
+        still hold the sentinel after parsing were not given. The sentinel is an (empty) list, so that a
+        repeatable flag (``action="append"``), which appends to a copy of the value it finds, works too."""
+        unset = _Unset()
         probe = argparse.Namespace(**{action.dest: unset for action in self._actions
                                       if action.dest != argparse.SUPPRESS})
         super().parse_known_args(args, probe)
         return tuple(sorted(dest for dest, value in vars(probe).items() if value is not unset))
+
+
+class _Unset(list):
+    """``StageArgumentParser._given``'s sentinel: a value no flag has set."""
 
 
 def given_flags(args: argparse.Namespace) -> frozenset[str]:

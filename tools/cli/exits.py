@@ -23,6 +23,7 @@ from typing import Callable
 from core.errors import CheckpointError
 from tools.artifacts.files import ArtifactError, write_failure_advice
 from tools.cli.arguments import UsageError
+from tools.cli.measurements import write_measurements
 from tools.data.descriptor import DatasetError
 
 EXIT_ERROR = 1
@@ -106,10 +107,12 @@ def run_main(main: Callable[[], object]) -> None:
     """Run a script's ``main`` and exit with the statuses of the module docstring: bad input (a named
     file or argument) and interruptions end with one line on stderr, never a traceback. Once ``main``
     has ended, a further Ctrl-C / SIGTERM no longer changes how it ends. The library's ``logging``
-    messages (progress notes, what a stage skipped or replaced) are printed to stdout."""
+    messages (progress notes, what a stage skipped or replaced) are printed to stdout. A finished run writes
+    its measurements when a driver asked for them (``tools.cli.measurements``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     try:
         main()
+        write_measurements()
     except BaseException as error:
         _ignore_interrupts()
         outcome = _outcome(error)

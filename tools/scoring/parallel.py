@@ -1,13 +1,18 @@
 """Per-image jobs on all cores: a mapped list with a progress bar (CRF passes, label writing, evaluation)
-and background jobs fed by a producer (segmentation CRFs behind the model)."""
+and background jobs fed by a producer (segmentation CRFs behind the model). Both tell a measuring driver
+(``tools.cli.measurements``) when each image and the background work are done."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
+
+from tools.cli.measurements import image_done, work_done
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -18,25 +23,36 @@ def default_jobs() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def timed_call(function: Callable[[Item], Result], item: Item) -> tuple[Result, float]:
+    """``function(item)`` and its seconds, measured where it runs (a pool worker)."""
+    started = time.perf_counter()
+    result = function(item)
+    return result, time.perf_counter() - started
+
+
 def parallel_map(
     function: Callable[[Item], Result], items: list[Item], n_jobs: int, desc: str, chunksize: int = 4
 ) -> Iterator[Result]:
     """Yield ``function(item)`` for every item, in order, on ``n_jobs`` processes (1 = in process).
 
-    ``function`` must be picklable (a module-level function or a ``functools.partial`` of one).
+    ``function`` must be picklable (a module-level function or a ``functools.partial`` of one). Each item's
+    seconds, divided by ``n_jobs`` (the processes that share a long list's work), go to a measuring driver
+    (``image_done``).
     """
     progress = tqdm(total=len(items), desc=desc, dynamic_ncols=True)
-    results: Iterable[Result]
+    results: Iterable[tuple[Result, float]]
+    timed = functools.partial(timed_call, function)
     if n_jobs <= 1 or len(items) <= 1:
-        results = map(function, items)
+        results = map(timed, items)
         pool = None
     else:
         pool = multiprocessing.get_context("fork").Pool(min(n_jobs, len(items)))
-        results = pool.imap(function, items, chunksize=chunksize)
+        results = pool.imap(timed, items, chunksize=chunksize)
     finished = False
     try:
-        for result in results:
+        for result, seconds in results:
             progress.update()
+            image_done(seconds / max(n_jobs, 1))
             yield result
         finished = True
     finally:
@@ -88,5 +104,6 @@ class BackgroundJobs:
         try:
             if error is None:
                 self._collect(set(wait(self._pending).done))
+                work_done()
         finally:
             self._executor.shutdown(wait=error is None, cancel_futures=True)

@@ -67,13 +67,14 @@ class TrainConfig:
     warmup_iters: int = 0
     clip_grad_norm: float | None = None
     checkpoint_every: str | None = None
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not self.tag:
             raise UsageError("--tag must not be empty: it names the model, logs and checkpoint")
         if (self.max_epoch is None) == (self.max_iters is None):
             raise UsageError("give exactly one of max_epoch and max_iters")
-        for name in ("max_epoch", "max_iters", "batch_size", "eval_every"):
+        for name in ("max_epoch", "max_iters", "batch_size", "eval_every", "max_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name} must be >= 1, got {value}")
@@ -102,6 +103,7 @@ class TrainConfig:
             max_iters=getattr(args, "max_iters", None), optimizer=args.optimizer, eval_every=args.eval_every,
             overwrite=args.overwrite, schedule=args.schedule, warmup_iters=args.warmup_iters,
             clip_grad_norm=args.clip_grad_norm, checkpoint_every=args.checkpoint_every,
+            max_steps=args.max_steps,
         )
 
     @property
@@ -134,6 +136,10 @@ def add_engine_args(
         group.add_argument("--max_epoch", type=positive_int, default=max_epoch)
     else:
         group.add_argument("--max_iters", type=positive_int, default=max_iters, help="optimiser steps in all")
+    group.add_argument("--max_steps", type=positive_int, default=None, metavar="N",
+                       help="a short run (run_pipeline.py --preflight): N optimiser steps as one epoch, ended as a "
+                            "run's last epoch (evaluation, model saved and marked finished); a training set smaller "
+                            "than N batches is repeated to fill them")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                        help="sgd (the original's) or adamw (which ignores --momentum and --nesterov)")
     group.add_argument("--schedule", choices=SCHEDULES, default="poly",

@@ -11,9 +11,10 @@ A script supplies the model, its training dataset, the optimiser (``tools.traini
 
 The ``Trainer`` does the rest: DDP under torchrun, the lr schedule, mixed precision, gradient
 accumulation, logs, best/last model selection and full checkpoints for ``--resume`` (written every
-epoch and when SIGINT/SIGTERM stops the run after the current optimiser step). Checkpoints leave out the
-parameters of frozen submodules (``tools.training.frozen``: SemFormer's CAAE), which the script rebuilds on
-resume as it built them at the start. Sketch of a script::
+epoch and when SIGINT/SIGTERM stops the run after the current optimiser step), ``--max_steps`` short runs,
+and the times of its steps, evaluations and saves for a measuring driver (``tools.cli.measurements``).
+Checkpoints leave out the parameters of frozen submodules (``tools.training.frozen``: SemFormer's CAAE), which
+the script rebuilds on resume as it built them at the start. Sketch of a script::
 
     parser = StageArgumentParser()               # tools.cli.arguments: @file.args, cross-flag checks
     add_dataset_args(parser)                     # tools.cli.stage_data: --dataset ... --experiments_dir
@@ -54,6 +55,7 @@ from tools.artifacts.model_card import mark_finished, write_model
 from tools.artifacts.provenance import run_record
 from tools.cli.arguments import UsageError
 from tools.cli.exits import TrainingDiverged
+from tools.cli.measurements import EVALUATION, SAVE, STEP, measured
 from tools.training.config import TrainConfig, checkpoint_interval
 from tools.training.distributed import (DistContext, any_rank, any_ranks, destroy_distributed, gather_to_all,
                                         init_distributed, mean_over_ranks)
@@ -62,8 +64,8 @@ from tools.training.logger import TrainingLogger, format_duration
 from tools.training.optimizer import build_scheduler
 from tools.training.precision import resolve_amp
 from tools.training.resume import start_mode
-from tools.training.sampling import (EpochSampler, SeededDataset, ignore_interrupts_in_worker, micro_batch_size,
-                                     seed_everything)
+from tools.training.sampling import (EpochSampler, RepeatedDataset, SeededDataset, ignore_interrupts_in_worker,
+                                     micro_batch_size, seed_everything)
 from tools.training.state import (capture_rng_state, config_mismatches, load_checkpoint, plain_values,
                                   restore_rng_state, save_checkpoint, write_tensors)
 
@@ -73,7 +75,7 @@ CHECKPOINT_FORMAT = 1
 # (the optimiser's lr / weight decay / momentum come back from the checkpoint, so changing them would be
 # silently ignored).
 RESUME_INVARIANTS = ("tag", "max_epoch", "max_iters", "batch_size", "optimizer", "lr", "weight_decay", "momentum",
-                     "nesterov", "seed", "schedule", "warmup_iters", "clip_grad_norm")
+                     "nesterov", "seed", "schedule", "warmup_iters", "clip_grad_norm", "max_steps")
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 EvaluateFn = Callable[[nn.Module], Mapping[str, Any]]
@@ -176,6 +178,9 @@ class Trainer:
 
     ``model`` may be on the CPU (it is moved to ``context.device``; optimiser parameter references stay
     valid). Iterations per epoch = ``len(dataset) // batch_size`` (drop_last), as the original.
+    ``config.max_steps`` makes a short run: that many steps as one epoch, the dataset repeated to fill them
+    when it is smaller, then the end of a run as usual (evaluation, model saved and marked finished), so the
+    next stage can read the model.
     ``logger`` lets a script keep a handle for ``add_image`` in its ``evaluate``;
     ``script_args`` (e.g. ``vars(args)``) is stored in the checkpoint for the record; ``model_config``
     (``{"kind", "num_classes", ...}``, what the next stage rebuilds the model from) goes to
@@ -206,12 +211,17 @@ class Trainer:
         self.export_state = export_state or (lambda module: module.state_dict())
         self.script_args = plain_values(script_args or {})
 
+        self._notes: list[str] = []
+        if config.max_steps is not None and len(dataset) < config.max_steps * config.batch_size:
+            self._notes.append(f"--max_steps {config.max_steps}: the {len(dataset)} samples repeated to fill "
+                               f"{config.max_steps} batches of {config.batch_size}")
+            dataset = RepeatedDataset(dataset, config.max_steps * config.batch_size)
         self.dataset_size = len(dataset)
         self.steps_per_epoch = self.dataset_size // config.batch_size
         if self.steps_per_epoch == 0:
             raise UsageError(f"the training set has {self.dataset_size} samples, fewer than --batch_size "
                              f"{config.batch_size}")
-        self.max_step = config.max_iters or self.steps_per_epoch * config.max_epoch
+        self.max_step = config.max_steps or config.max_iters or self.steps_per_epoch * config.max_epoch
         self.num_epochs = -(-self.max_step // self.steps_per_epoch)  # the last one may be partial
         self.log_interval = max(1, int(self.steps_per_epoch * config.print_ratio))
         self.micro_batch = micro_batch_size(config.batch_size, context.world_size, config.accum_steps)
@@ -251,7 +261,6 @@ class Trainer:
         self._last_lr = optimizer.param_groups[0]["lr"]
         self._interval_start = time.monotonic()
         self._stop_signal: str | None = None
-        self._notes: list[str] = []
         self._resumed_history: dict[str, list[dict[str, Any]]] | None = None
         self._checkpoint_iters, self._checkpoint_seconds = checkpoint_interval(config.checkpoint_every)
         self._last_checkpoint = (0, time.monotonic())  # (iteration, time) of the last checkpoint written
@@ -305,7 +314,8 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.step_in_epoch)
         with epoch_batches(self.loader) as batches:
             while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.max_step:
-                values = self._optimizer_step(batches)
+                with measured(STEP):
+                    values = self._optimizer_step(batches)
                 self.step_in_epoch += 1
                 self.global_step += 1
                 self._interval.add(values)
@@ -379,20 +389,22 @@ class Trainer:
         metrics = self._run_evaluation() if due else None
         self.epoch += 1
         self.step_in_epoch = 0
-        if self.context.is_main:
-            self._select_model(metrics)
-        self._save_checkpoint()
+        with measured(SAVE):
+            if self.context.is_main:
+                self._select_model(metrics)
+            self._save_checkpoint()
 
     def _run_evaluation(self) -> dict[str, Any] | None:
         if self.evaluate is None:
             return None
         metrics = None
-        if self.context.is_main:
-            self.module.eval()
-            with torch.no_grad():
-                metrics = _plain_metrics(self.evaluate(self.module))
-            self.module.train()
-        self.context.barrier()
+        with measured(EVALUATION):
+            if self.context.is_main:
+                self.module.eval()
+                with torch.no_grad():
+                    metrics = _plain_metrics(self.evaluate(self.module))
+                self.module.train()
+            self.context.barrier()
         return metrics
 
     def _select_model(self, metrics: dict[str, Any] | None) -> None:

@@ -74,6 +74,20 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+class RepeatedDataset(Dataset):
+    """``dataset`` repeated to ``length`` samples (``--max_steps``: a short run needs whole batches even when the
+    training list is smaller than one)."""
+
+    def __init__(self, dataset: Dataset, length: int) -> None:
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index % len(self.dataset)]
+
+
 class EpochSampler(Sampler[int]):
     """This rank's sample indices of one epoch, cut to whole optimiser steps (``drop_last``).
 
