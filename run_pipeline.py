@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ids per list in the preflight (training stages repeat them to fill their batches)")
     parser.add_argument("--preflight_steps", type=positive_int, default=DEFAULT_STEPS, metavar="N",
                         help="timed optimiser steps per training stage in the preflight, after one warm-up step")
+    parser.add_argument("--preflight_lists", default=None, metavar="DESCRIPTOR",
+                        help="project the full run onto the list sizes of this dataset descriptor (only its list "
+                             "files are read), e.g. data/voc12/dataset.json for a preflight on a synthetic set")
     parser.add_check(check_arguments)
     return parser.parse_args(argv)
 
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings.from_recipe(recipe, args.data_dir, args.experiments_dir, args.gpus, args.dataset)
     overrides = Overrides.from_arguments(args.pretrained, args.stage_flags)
     if args.preflight:
-        run_preflight(args.recipe, settings, overrides, args.preflight_images, args.preflight_steps)
+        run_preflight(args.recipe, settings, overrides, args.preflight_images, args.preflight_steps,
+                      args.preflight_lists)
         return
     run_recipe(args.recipe, settings, args.first, args.last, args.dry_run, args.force, overrides)
     if not args.dry_run:

@@ -130,10 +130,19 @@ def test_image_work_is_reported_per_image_after_the_first(tmp_path, monkeypatch,
 # ----------------------------------------------------------------------------- the preflight of the smoke recipe
 @pytest.fixture(scope="module")
 def smoke_preflight(synthetic_dataset, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The smoke recipe's preflight on 2 images per list, run from another folder with relative paths."""
+    """The smoke recipe's preflight on 2 images per list, run from another folder with relative paths, projected
+    onto lists twice as long (``--preflight_lists``: a descriptor whose ids need no photos)."""
     here = tmp_path_factory.mktemp("preflight")
+    sizes = here / "sizes"
+    sizes.mkdir()
+    content = json.loads(synthetic_dataset.read_text())
+    for name in content["lists"].values():
+        ids = (synthetic_dataset.parent / name).read_text().split()
+        (sizes / name).write_text("\n".join(ids + [f"{image_id}_copy" for image_id in ids]) + "\n")
+    (sizes / "dataset.json").write_text(json.dumps(content))
     result = preflight("--recipe", "smoke", "--dataset", str(synthetic_dataset), "--data_dir",
-                       str(synthetic_dataset.parent), "--experiments_dir", "experiments", "--preflight_images", "2",
+                       str(synthetic_dataset.parent), "--preflight_lists", "sizes/dataset.json",
+                       "--experiments_dir", "experiments", "--preflight_images", "2",
                        "--preflight_steps", "1", "--stage_flags", "*=--num_workers 0", "--stage_flags",
                        "segmentation=--seed 5", cwd=here)
     return here / "experiments", result
@@ -153,11 +162,11 @@ def test_the_smoke_preflight_passes_with_numbers_for_every_stage(smoke_preflight
     assert re.search(r"^total\s+.*\d (s|min|h|d)\s+[\d.]+ \w+$", result.stdout, re.MULTILINE)
     saved = json.loads((experiments / "logs" / "preflight@smoke.json").read_text())
     caae = next(row for row in saved["rows"] if row["name"] == "caae")
-    assert (caae["full_units"], caae["epochs"], caae["evaluations"]) == (6, 1, 1)  # 24 train_aug ids, batch 4
-    assert caae["projected_seconds"] == pytest.approx(caae["startup"] + 5 * caae["rate"] + caae["evaluation_seconds"]
+    assert (caae["full_units"], caae["epochs"], caae["evaluations"]) == (12, 1, 1)  # 2 x 24 train_aug ids, batch 4
+    assert caae["projected_seconds"] == pytest.approx(caae["startup"] + 11 * caae["rate"] + caae["evaluation_seconds"]
                                                       + caae["save_seconds"])
     cams = next(row for row in saved["rows"] if row["title"] == "SemFormer CAMs")
-    assert cams["full_units"] == 24 and cams["projected_bytes"] > 24 * cams["artifact_bytes"]
+    assert cams["full_units"] == 48 and cams["projected_bytes"] > 48 * cams["artifact_bytes"]
 
 
 def test_the_preflight_runs_the_pipelines_commands_with_the_overrides_and_removes_its_scratch(smoke_preflight):

@@ -73,13 +73,15 @@ def written_bytes(root: Path, before: dict[Path, int]) -> tuple[dict[Path, int],
 
 
 class Preflight:
-    """One preflight: the real dataset (for the full run's list sizes), the scratch one the stages read, and
-    the rows measured so far."""
+    """One preflight: the dataset whose lists the full run reads (for their sizes: the run's own, or
+    ``project_lists``), the scratch one the stages read, and the rows measured so far."""
 
-    def __init__(self, settings: Settings, scratch: Path, images: int, steps: int, logs: Path) -> None:
+    def __init__(self, settings: Settings, scratch: Path, images: int, steps: int, logs: Path,
+                 project_lists: str | None = None) -> None:
         self.settings, self.logs, self.steps = settings, logs, steps
-        self.real: DatasetDescriptor = load_descriptor(settings.dataset)
-        dataset = write_scratch_dataset(self.real, settings.data_dir, scratch / "data", images)
+        source = load_descriptor(settings.dataset)
+        self.real: DatasetDescriptor = load_descriptor(project_lists) if project_lists else source
+        dataset = write_scratch_dataset(source, settings.data_dir, scratch / "data", images)
         self.scratch: DatasetDescriptor = load_descriptor(dataset)
         self.here = replace(settings, dataset=str(dataset), experiments_dir=str(scratch / "experiments"))
         self.measurements = scratch / "measurements"
@@ -147,9 +149,11 @@ class Preflight:
 
 
 def run_preflight(name: str, settings: Settings, overrides: Overrides | None = None, images: int = DEFAULT_IMAGES,
-                  steps: int = DEFAULT_STEPS) -> list[Row]:
+                  steps: int = DEFAULT_STEPS, project_lists: str | None = None) -> list[Row]:
     """Preflight the recipe ``name`` with ``images`` ids per list and ``steps`` timed steps per training stage;
-    prints the table and returns its rows; the first failing stage raises ``CommandFailed`` naming it."""
+    prints the table and returns its rows; the first failing stage raises ``CommandFailed`` naming it.
+    ``project_lists``: a descriptor whose list sizes the projection uses instead of the dataset's own (only its
+    list files are read: ``data/voc12/dataset.json`` projects a synthetic set's preflight onto VOC's sizes)."""
     recipe = load_recipe(name)
     label = recipe_path(name).stem
     stages = recipe_stages(recipe, settings, overrides or Overrides())
@@ -164,7 +168,7 @@ def run_preflight(name: str, settings: Settings, overrides: Overrides | None = N
              f"scratch folder {scratch} (removed at the end)")
     try:
         with signals_stop_preflight():
-            preflight = Preflight(settings, scratch, images, steps, logs)
+            preflight = Preflight(settings, scratch, images, steps, logs, project_lists)
             failed = next((stage for stage in stages if not preflight.stage(stage)), None)
     except (KeyboardInterrupt, PreflightStopped) as error:
         raise CommandFailed(f"preflight stopped ({error or 'interrupt'}); its scratch folder {scratch} is removed",
