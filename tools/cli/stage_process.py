@@ -24,6 +24,7 @@ from pathlib import Path
 from tools.cli.exits import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, STATUS_DIR_VARIABLE, CommandFailed,
                              reported_statuses)
 from tools.cli.repository import REPOSITORY
+from tools.cli.signals import handled
 
 LOG = logging.getLogger(__name__)
 
@@ -66,14 +67,8 @@ class ProgressEcho:
 def forward_signals(process: subprocess.Popen) -> Iterator[None]:
     """Pass SIGINT/SIGTERM/SIGHUP on to ``process`` (which runs in its own session, so a Ctrl-C reaches it
     once, through here): a training stage then saves its checkpoint and exits with ``EXIT_INTERRUPTED``."""
-    previous = {number: signal.getsignal(number) for number in FORWARDED_SIGNALS}
-    for number in FORWARDED_SIGNALS:
-        signal.signal(number, lambda received, frame: process.send_signal(received))
-    try:
+    with handled(FORWARDED_SIGNALS, lambda received, frame: process.send_signal(received)):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def run_stage(argv: list[str], log: Path, label: str, environment: Mapping[str, str] | None = None) -> int:

@@ -29,6 +29,7 @@ from pathlib import Path
 from tools.artifacts.files import atomic_write_text
 from tools.cli.exits import EXIT_ABORTED, EXIT_INTERRUPTED, CommandFailed
 from tools.cli.measurements import MEASUREMENTS_VARIABLE, read_measurements
+from tools.cli.signals import handled
 from tools.cli.stage_process import failure_line, run_stage
 from tools.data.descriptor import DatasetDescriptor, load_descriptor
 from tools.data.scratch import write_scratch_dataset
@@ -56,14 +57,8 @@ def signals_stop_preflight() -> Iterator[None]:
     def stop(number: int, frame: object) -> None:
         raise PreflightStopped(signal.Signals(number).name)
 
-    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
-    for number in STOP_SIGNALS:
-        signal.signal(number, stop)
-    try:
+    with handled(STOP_SIGNALS, stop):
         yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def written_bytes(root: Path, before: dict[Path, int]) -> tuple[dict[Path, int], int]:

@@ -56,6 +56,7 @@ from tools.artifacts.provenance import run_record
 from tools.cli.arguments import UsageError
 from tools.cli.exits import TrainingDiverged
 from tools.cli.measurements import EVALUATION, SAVE, STEP, measured
+from tools.cli.signals import handled
 from tools.training.config import TrainConfig, checkpoint_interval
 from tools.training.distributed import (DistContext, any_rank, any_ranks, destroy_distributed, gather_to_all,
                                         init_distributed, mean_over_ranks)
@@ -555,8 +556,6 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
-
         def request_stop(number: int, frame: object) -> None:
             if self._stop_signal is not None:
                 raise KeyboardInterrupt
@@ -564,10 +563,5 @@ class Trainer:
             sys.stderr.write(f"\n{self._stop_signal}: stopping after the current step and saving a "
                              "checkpoint (send again to stop at once)\n")
 
-        for number in STOP_SIGNALS:
-            signal.signal(number, request_stop)
-        try:
+        with handled(STOP_SIGNALS, request_stop):
             yield
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
