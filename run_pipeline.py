@@ -47,8 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "elsewhere")
     parser.add_argument("--experiments_dir", default=None,
                         help="artifacts root (default: the recipe's, else experiments/)")
-    parser.add_argument("--gpus", type=non_negative_int, default=0,
-                        help="processes per node for training and inference (torchrun); 0: plain python")
+    parser.add_argument("--processes", "--gpus", dest="processes", type=non_negative_int, default=None,
+                        help="processes per node for the recipe's training and inference stages (torchrun): one per "
+                             "GPU, or on a CPU one-thread processes (the demo's 2 use 2 cores better than one "
+                             "2-thread process); 0: plain python; default: the recipe's \"cpu_processes\" on a machine without "
+                             "CUDA, else 0")
     parser.add_argument("--pretrained", default=None, metavar="none|timm|imagenet|PATH",
                         help="passed to every stage whose script takes --pretrained (the ViT stages: timm|none|PATH, "
                              "the ResNet stages: imagenet|none|PATH); none trains from scratch, offline")
@@ -79,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     recipe = load_recipe(args.recipe)
-    settings = Settings.from_recipe(recipe, args.data_dir, args.experiments_dir, args.gpus, args.dataset)
+    settings = Settings.from_recipe(recipe, args.data_dir, args.experiments_dir, args.processes, args.dataset)
     overrides = Overrides.from_arguments(args.pretrained, args.stage_flags)
     if args.preflight:
         run_preflight(args.recipe, settings, overrides, args.preflight_images, args.preflight_steps,

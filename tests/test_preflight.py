@@ -11,13 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.cli_runner import REPO, run_script
+from tools.artifacts.files import ArtifactError
 from tools.cli import measurements
 from tools.cli.arguments import UsageError
 from tools.data.descriptor import load_descriptor
 from tools.data.scratch import cut_lists, write_scratch_dataset
-from tools.pipeline import Overrides, Settings, build_stages, command, load_recipe, parsed_args, with_overrides
+from tools.pipeline import (Overrides, Settings, build_stages, command, default_processes, load_recipe, parsed_args,
+                            with_overrides)
 from tools.scoring.parallel import parallel_map
 
 STAGE_ROW = re.compile(r"^(\S[^\n]*?) {2,}(passed|failed|not run)\b([^\n]*)$", re.MULTILINE)
@@ -82,6 +85,23 @@ def test_recipe_paths_are_read_from_the_repository_and_command_line_paths_from_t
         Overrides.from_arguments("weights.pth", [])
     (tmp_path / "weights.pth").write_bytes(b"")
     assert Overrides.from_arguments("weights.pth", []).pretrained == str(tmp_path / "weights.pth")
+
+
+def test_processes_are_the_flags_else_the_recipes_cpu_processes_on_a_machine_without_cuda(monkeypatch):
+    demo = load_recipe("demo")
+    stages = {stage.name: stage for stage in build_stages(demo, "data")}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu = Settings.from_recipe(demo)
+    assert cpu.processes == 2
+    assert command(stages["caae"], cpu)[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert command(stages["segmentation"], cpu)[1] == "train_segmentation.py"  # one 2-thread process (docs/demo.md)
+    assert Settings.from_recipe(demo, processes=0).processes == 0
+    assert Settings.from_recipe(load_recipe("voc")).processes == 0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings.from_recipe(demo).processes == 0  # one GPU, plain python
+    assert Settings.from_recipe(demo, processes=4).processes == 4
+    with pytest.raises(ArtifactError, match="'cpu_processes' must be a whole number >= 0, got -1"):
+        default_processes({"cpu_processes": -1})
 
 
 def test_a_dry_run_from_another_folder_prints_absolute_paths_and_the_overrides(tmp_path):

@@ -3,7 +3,8 @@
 A recipe (``data/recipes/<name>.json``) is data: the dataset, text variables, and per stage a
 title, one command, what it writes (``{"model": tag}`` or ``{"folder", "suffix", "domain"}``),
 optionally how it is scored (``{"mode", "domain"}``, through ``evaluate.py``) and whether it runs
-under ``torchrun`` with ``--gpus``. Every command gets ``--dataset``, ``--data_dir`` and
+under ``torchrun`` (``"distributed"``) when ``--processes`` (alias ``--gpus``) is above 0: one process per
+GPU, or on a CPU several one-thread processes (a recipe's ``"cpu_processes"``, the default without CUDA). Every command gets ``--dataset``, ``--data_dir`` and
 ``--experiments_dir``, absolute: paths written in a recipe are relative to the repository root (where
 the stages run), paths given on the command line to the current folder. Overrides (``Overrides``:
 ``--pretrained``, ``--stage_flags``) follow a command's own flags, so they win, and are part of it: the
@@ -32,6 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from core.backbones.weights import IMAGENET_ALIAS, PRETRAINED_NONE, PRETRAINED_TIMM
 from tools.artifacts.files import ArtifactError, atomic_write_text, read_json
 from tools.artifacts.folders import missing_ids
@@ -49,6 +52,7 @@ LOG = logging.getLogger(__name__)
 RECIPES = REPOSITORY / "data" / "recipes"
 DEFAULT_EXPERIMENTS = "experiments"
 TORCHRUN_MODULE = "torch.distributed.run"  # the module behind the torchrun command
+CPU_PROCESSES = "cpu_processes"  # recipe key: torchrun processes per node on a machine without CUDA
 ALL_STAGES = "*"  # --stage_flags '*=FLAGS': every stage that takes them
 PRETRAINED_WORDS = (PRETRAINED_TIMM, PRETRAINED_NONE, IMAGENET_ALIAS)  # --pretrained values that are not paths
 UNRECOGNIZED = "unrecognized arguments"  # argparse's message for a flag the script does not have
@@ -80,6 +84,16 @@ def absolute(path: str | Path, base: Path | None = None) -> str:
     return os.path.normpath(Path(base or Path.cwd()) / path)
 
 
+def default_processes(recipe: dict[str, Any]) -> int:
+    """Processes per node when ``--processes`` is not given: the recipe's ``cpu_processes`` on a machine without
+    CUDA (the demo's 2 one-thread processes use 2 cores better than one 2-thread process), else 0 (plain python:
+    one GPU, or the CPU's threads)."""
+    value = recipe.get(CPU_PROCESSES, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ArtifactError(f"recipe: {CPU_PROCESSES!r} must be a whole number >= 0, got {value!r}")
+    return 0 if torch.cuda.is_available() else value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the recipe runs: data, artifacts (absolute paths), processes per node (0: plain python)."""
@@ -87,7 +101,7 @@ class Settings:
     data_dir: str
     dataset: str
     experiments_dir: str
-    gpus: int = 0
+    processes: int = 0
     python: str = sys.executable
 
     def common_flags(self) -> list[str]:
@@ -99,15 +113,18 @@ class Settings:
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], data_dir: str | None = None, experiments_dir: str | None = None,
-                    gpus: int = 0, dataset: str | None = None) -> Settings:
+                    processes: int | None = None, dataset: str | None = None) -> Settings:
         """The flags where given (relative to the current folder), else the recipe's ``data_dir``,
         ``experiments_dir`` (default ``experiments``; the demo and smoke recipes keep theirs under ``demo_data/``)
-        and ``dataset`` (with ``{data_dir}`` filled in), relative to the repository root; all absolute."""
+        and ``dataset`` (with ``{data_dir}`` filled in), relative to the repository root; all absolute. The
+        processes per node likewise: the flag's, else ``default_processes``."""
         data_dir = absolute(data_dir) if data_dir else absolute(recipe["data_dir"], REPOSITORY)
         dataset = absolute(dataset) if dataset else absolute(recipe["dataset"].format(data_dir=data_dir), REPOSITORY)
         experiments_dir = (absolute(experiments_dir) if experiments_dir
                            else absolute(recipe.get("experiments_dir", DEFAULT_EXPERIMENTS), REPOSITORY))
-        return cls(data_dir=data_dir, dataset=dataset, experiments_dir=experiments_dir, gpus=gpus)
+        if processes is None:
+            processes = default_processes(recipe)
+        return cls(data_dir=data_dir, dataset=dataset, experiments_dir=experiments_dir, processes=processes)
 
 
 @dataclass(frozen=True)
@@ -205,12 +222,12 @@ def select(stages: list[Stage], first: str | None, last: str | None) -> list[Sta
 
 # ----------------------------------------------------------------------------- commands
 def command(stage: Stage, settings: Settings, extra: list[str] = ()) -> list[str]:
-    """The full command line of a stage: under ``torchrun`` when it is distributed and ``--gpus`` > 0, as the
+    """The full command line of a stage: under ``torchrun`` when it is distributed and ``processes`` > 0, as the
     interpreter's own launcher module (``python -m torch.distributed.run``, what ``torchrun`` runs), so it
     works when the virtual environment's ``bin/`` is not on ``PATH``."""
     arguments = [*stage.argv, *settings.common_flags(), *stage.overrides, *extra]
-    if stage.distributed and settings.gpus > 0:
-        return [settings.python, "-m", TORCHRUN_MODULE, "--standalone", f"--nproc_per_node={settings.gpus}",
+    if stage.distributed and settings.processes > 0:
+        return [settings.python, "-m", TORCHRUN_MODULE, "--standalone", f"--nproc_per_node={settings.processes}",
                 *arguments]
     return [settings.python, *arguments]
 

@@ -116,7 +116,7 @@ class Preflight:
         outcome = self.run(stage, command(stage, self.here), stage.name)
         if isinstance(outcome, str):
             return failed_row(stage.name, stage.title, outcome)
-        processes = self.here.gpus if stage.distributed and self.here.gpus > 0 else 1
+        processes = self.here.processes if stage.distributed and self.here.processes > 0 else 1
         outputs = sorted(self.here.paths.predictions(stage.output["folder"]).glob(f"*{stage.output['suffix']}"))
         return image_row(stage.name, stage.title, outcome, len(self.real.read_ids(stage.output["domain"])),
                          processes, outputs)
