@@ -50,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--processes", "--gpus", dest="processes", type=non_negative_int, default=None,
                         help="processes per node for the recipe's training and inference stages (torchrun): one per "
                              "GPU, or on a CPU one-thread processes (the demo's 2 use 2 cores better than one "
-                             "2-thread process); 0: plain python; default: the recipe's \"cpu_processes\" on a machine without "
-                             "CUDA, else 0")
+                             "2-thread process); 0: plain python; default: the recipe's \"cpu_processes\" on a machine "
+                             "without CUDA, else 0")
     parser.add_argument("--pretrained", default=None, metavar="none|timm|imagenet|PATH",
                         help="passed to every stage whose script takes --pretrained (the ViT stages: timm|none|PATH, "
                              "the ResNet stages: imagenet|none|PATH); none trains from scratch, offline")

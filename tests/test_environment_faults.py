@@ -242,7 +242,8 @@ def test_a_one_pixel_high_photo_goes_through_every_stage(capsys, data, semformer
 
 # ----------------------------------------------------------------------------- 5. torchrun off PATH
 def test_distributed_stages_run_through_the_interpreters_launcher_without_path(data, tmp_path):
-    settings = Settings(data_dir=str(data.parent), dataset=str(data), experiments_dir=str(tmp_path / "exp"), processes=1)
+    settings = Settings(data_dir=str(data.parent), dataset=str(data), experiments_dir=str(tmp_path / "exp"),
+                        processes=1)
     stage = Stage("cams", "baseline CAMs", ["-m", "tools.baseline_cams", "--experiment_name", CAMS, "--domain",
                                              "train"], {"folder": CAMS}, None, True)
     argv = command(stage, settings)

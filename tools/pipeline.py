@@ -4,9 +4,10 @@ A recipe (``data/recipes/<name>.json``) is data: the dataset, text variables, an
 title, one command, what it writes (``{"model": tag}`` or ``{"folder", "suffix", "domain"}``),
 optionally how it is scored (``{"mode", "domain"}``, through ``evaluate.py``) and whether it runs
 under ``torchrun`` (``"distributed"``) when ``--processes`` (alias ``--gpus``) is above 0: one process per
-GPU, or on a CPU several one-thread processes (a recipe's ``"cpu_processes"``, the default without CUDA). Every command gets ``--dataset``, ``--data_dir`` and
-``--experiments_dir``, absolute: paths written in a recipe are relative to the repository root (where
-the stages run), paths given on the command line to the current folder. Overrides (``Overrides``:
+GPU, or on a CPU several one-thread processes (a recipe's ``"cpu_processes"``, the default without CUDA).
+Every command gets ``--dataset``, ``--data_dir`` and ``--experiments_dir``, absolute: paths written in a
+recipe are relative to the repository root (where the stages run), paths given on the command line to the
+current folder. Overrides (``Overrides``:
 ``--pretrained``, ``--stage_flags``) follow a command's own flags, so they win, and are part of it: the
 provenance check sees them.
 
