@@ -222,14 +222,20 @@ def select(stages: list[Stage], first: str | None, last: str | None) -> list[Sta
 
 
 # ----------------------------------------------------------------------------- commands
+def torchrun_processes(stage: Stage, settings: Settings) -> int:
+    """Processes ``torchrun`` starts for the stage: ``settings.processes`` for a distributed stage, else 0 (plain
+    python)."""
+    return settings.processes if stage.distributed else 0
+
+
 def command(stage: Stage, settings: Settings, extra: list[str] = ()) -> list[str]:
-    """The full command line of a stage: under ``torchrun`` when it is distributed and ``processes`` > 0, as the
+    """The full command line of a stage: under ``torchrun`` when ``torchrun_processes`` > 0, as the
     interpreter's own launcher module (``python -m torch.distributed.run``, what ``torchrun`` runs), so it
     works when the virtual environment's ``bin/`` is not on ``PATH``."""
     arguments = [*stage.argv, *settings.common_flags(), *stage.overrides, *extra]
-    if stage.distributed and settings.processes > 0:
-        return [settings.python, "-m", TORCHRUN_MODULE, "--standalone", f"--nproc_per_node={settings.processes}",
-                *arguments]
+    processes = torchrun_processes(stage, settings)
+    if processes > 0:
+        return [settings.python, "-m", TORCHRUN_MODULE, "--standalone", f"--nproc_per_node={processes}", *arguments]
     return [settings.python, *arguments]
 
 

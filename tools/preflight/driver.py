@@ -34,7 +34,7 @@ from tools.cli.stage_process import failure_line, run_stage
 from tools.data.descriptor import DatasetDescriptor, load_descriptor
 from tools.data.scratch import write_scratch_dataset
 from tools.pipeline import (Overrides, Settings, Stage, command, ensure_dataset, evaluation_command, load_recipe,
-                            parsed_args, printable, recipe_path, recipe_stages)
+                            parsed_args, printable, recipe_path, recipe_stages, torchrun_processes)
 from tools.preflight.projection import (SCORING, Outcome, Row, describe, failed_row, image_row, print_table,
                                         skipped_row, training_row)
 
@@ -116,7 +116,7 @@ class Preflight:
         outcome = self.run(stage, command(stage, self.here), stage.name)
         if isinstance(outcome, str):
             return failed_row(stage.name, stage.title, outcome)
-        processes = self.here.processes if stage.distributed and self.here.processes > 0 else 1
+        processes = max(1, torchrun_processes(stage, self.here))
         outputs = sorted(self.here.paths.predictions(stage.output["folder"]).glob(f"*{stage.output['suffix']}"))
         return image_row(stage.name, stage.title, outcome, len(self.real.read_ids(stage.output["domain"])),
                          processes, outputs)
