@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 from core.affinitynet import AffinityNet
 from core.semformer import SemFormerSegmentor
-from tests.cli_runner import REPO, run_script
+from tests.cli_runner import REPO, kill_when_files_appear, run_script
 from tools.artifacts.files import load_label_png
 from tools.artifacts.model_card import describe_model, write_card
 from tools.artifacts.predictions import load_prediction
@@ -75,16 +74,9 @@ def test_killed_cam_inference_reruns_to_the_same_files(stage_inputs, tmp_path):
     (tmp_path / "models").symlink_to(root / "models")
     out_dir = tmp_path / "predictions" / CAM
     process = subprocess.Popen([sys.executable, *cam_command(killed_flags)], cwd=REPO,  # threads as run_script's
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline:
-        if out_dir.is_dir() and len(list(out_dir.glob("*.npz"))) >= 2:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    process.wait()
-    finished = len(list(out_dir.glob("*.npz")))
+    finished = kill_when_files_appear(process, out_dir, count=2)
     assert process.returncode == -signal.SIGKILL and 0 < finished < len(ids)
 
     output = run_script(*cam_command(killed_flags))

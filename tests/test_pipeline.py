@@ -9,13 +9,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.cli_runner import REPO, run_completed, run_script
+from tests.cli_runner import REPO, kill_when_files_appear, run_completed, run_script
 from tools.artifacts.files import load_label_png
 from tools.cli.presets import vit_flags
 from tools.data.descriptor import load_descriptor
@@ -120,14 +119,9 @@ def test_killed_mid_stage_then_rerun_gives_the_same_table(finished, tmp_path):
     cams = experiments / "predictions" / "SemFormer@smoke@train@scale=1.0,0.5"
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    deadline = time.monotonic() + 300
-    while process.poll() is None and time.monotonic() < deadline:
-        if cams.is_dir() and len(list(cams.glob("*.npz"))) >= 5:
-            os.killpg(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    process.wait()
-    assert process.returncode == -signal.SIGKILL, "the pipeline finished before it could be killed"
+    written = kill_when_files_appear(process, cams, count=2)
+    train_ids = load_descriptor(data / "dataset.json").read_ids("train")
+    assert process.returncode == -signal.SIGKILL and written < len(train_ids)
     resumed = pipeline(data, experiments)
     assert decisions(resumed)["cams"].endswith("files to make") and decisions(resumed)["caae"] == "done"
     assert scores(resumed) == scores(output)
