@@ -19,13 +19,13 @@ import make_affinity_labels
 import train_caae
 import train_segmentation
 from core.semformer import SemFormerSegmentor
-from tests.cli_runner import REPO
+from tests.cli_runner import REPO, run_script
 from tests.test_engine import HELPER, TAG, _finish, _log, _run_helper, reference  # noqa: F401 (fixture)
 from tests.test_faults import CAMS, TINY_VIT, cams, data, outcome  # noqa: F401 (fixtures)
 from tests.test_provenance import _toy_trainer
 from tools.artifacts.model_card import describe_model, read_card, write_card
 from tools.artifacts.paths import ExperimentPaths
-from tools.artifacts.provenance import run_record
+from tools.artifacts.provenance import read_run, run_record, stale_reasons
 from tools.cli.exits import EXIT_ERROR, EXIT_USAGE
 from tools.cli.presets import vit_kwargs
 from tools.data.descriptor import load_descriptor
@@ -47,23 +47,55 @@ def hold_lock_elsewhere(path) -> subprocess.Popen:
 
 
 # ----------------------------------------------------------------------------- 1. stale outputs
-def test_a_retrained_model_makes_its_cam_folder_stale(capsys, data, tmp_path):
-    experiments = tmp_path / "exp"
-    num_classes = load_descriptor(data).num_classes
+def _train_tiny_semformer(experiments, dataset, run_id: str) -> list[str]:
+    """What a SemFormer training with the same flags writes as ``S`` (new weights, a new run), and the flags of
+    its CAM inference."""
+    num_classes = load_descriptor(dataset).num_classes
     config = {**vit_kwargs("tiny"), "image_size": 64, "class_dim": 8}
     model = ExperimentPaths(experiments).model("S")
-    model.parent.mkdir(parents=True)
-    flags = ["--tag", "S", "--scales", "1.0", "--cra_layers", "1", "--dataset", str(data), "--experiments_dir",
-             str(experiments), "--domain", "train", "--num_workers", "0"]
-    for run_id in ("first", "second"):  # what a retraining with the same flags writes: new weights, new run
-        segmentor = SemFormerSegmentor(num_classes, **config)
-        torch.save({f"segmentor.{key}": value for key, value in segmentor.state_dict().items()}, model)
-        card = describe_model("semformer", num_classes, config)
-        write_card(model, {**card, "finished": True, "run": run_record("train_semformer.py", {"lr": 1}, run_id=run_id)})
-        if run_id == "first":
-            inference_semformer.main(flags)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    segmentor = SemFormerSegmentor(num_classes, **config)
+    torch.save({f"segmentor.{key}": value for key, value in segmentor.state_dict().items()}, model)
+    card = describe_model("semformer", num_classes, config)
+    write_card(model, {**card, "finished": True, "run": run_record("train_semformer.py", {"lr": 1}, run_id=run_id)})
+    return ["--tag", "S", "--scales", "1.0", "--cra_layers", "1", "--dataset", str(dataset), "--experiments_dir",
+            str(experiments), "--domain", "train", "--num_workers", "0"]
+
+
+def test_a_retrained_model_makes_its_cam_folder_stale(capsys, data, tmp_path):
+    experiments = tmp_path / "exp"
+    inference_semformer.main(_train_tiny_semformer(experiments, data, "first"))
+    flags = _train_tiny_semformer(experiments, data, "second")
+    model = ExperimentPaths(experiments).model("S")
     code, message = outcome(capsys, inference_semformer.main, *flags)
     assert code == EXIT_ERROR and "made with other settings" in message and f"input model {model} changed" in message
+
+
+def test_a_copied_or_moved_experiments_folder_checks_its_own_inputs(capsys, data, tmp_path):
+    original = tmp_path / "exp"
+    flags = _train_tiny_semformer(original, data, "first")
+    run_script("inference_semformer.py", *flags)  # in a process of its own, which lets go of the folder's lock
+    folder = ExperimentPaths(original).predictions("S@train@scale=1.0")
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    copy_flags = [*flags[:-5], str(copy), *flags[-4:]]
+    copied_folder = ExperimentPaths(copy).predictions(folder.name)
+    assert stale_reasons(read_run(copied_folder), inference_semformer.parse_args(copy_flags)) == []
+    _train_tiny_semformer(copy, data, "retrained in the copy")  # the original's model is unchanged
+    reasons = stale_reasons(read_run(copied_folder), inference_semformer.parse_args(copy_flags))
+    assert reasons == [f"input model {ExperimentPaths(copy).model('S')} was remade"]
+    assert stale_reasons(read_run(folder), inference_semformer.parse_args(flags)) == []
+    code, message = outcome(capsys, inference_semformer.main, *copy_flags)
+    assert code == EXIT_ERROR and "made with other settings" in message
+
+    moved = tmp_path / "moved"  # rsync'd to another mount: still its own inputs, nothing to redo
+    original.rename(moved)
+    moved_flags = [*flags[:-5], str(moved), *flags[-4:]]
+    moved_folder = ExperimentPaths(moved).predictions(folder.name)
+    assert stale_reasons(read_run(moved_folder), inference_semformer.parse_args(moved_flags)) == []
+    made = {path.name: path.stat().st_mtime_ns for path in moved_folder.glob("*.npz")}
+    run_script("inference_semformer.py", *moved_flags)
+    assert made and {path.name: path.stat().st_mtime_ns for path in moved_folder.glob("*.npz")} == made
 
 
 def test_a_model_trained_again_with_the_same_flags_is_a_new_input(tmp_path):

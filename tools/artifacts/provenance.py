@@ -221,12 +221,26 @@ def stale_reasons(record: Mapping[str, Any], args: argparse.Namespace | Mapping[
     current = dataset_identity(args, with_list=bool(recorded) and "list" in recorded)
     if current is not None and recorded != current:
         reasons.append(_dataset_change(recorded, current))
+    recorded_root = record.get("execution", {}).get("experiments_dir")
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
     for name, entry in record.get("inputs", {}).items():
         external = bool(entry.get("external"))
-        if entry.get("provenance") is not None and current_provenance(entry["path"], external) != entry["provenance"]:
-            reasons.append(f"input {name} {entry['path']} " + ("changed (its files' fingerprint)" if external
-                                                               else "was remade"))
+        path = input_path_now(entry["path"], recorded_root, values.get("experiments_dir"))
+        if entry.get("provenance") is not None and current_provenance(path, external) != entry["provenance"]:
+            reasons.append(f"input {name} {path} " + ("changed (its files' fingerprint)" if external else "was remade"))
     return reasons
+
+
+def input_path_now(path: str, recorded_root: str | None, current_root: str | Path | None) -> Path:
+    """Where a recorded input is read now: one that lay under the record's experiments folder is looked up under
+    the current one, so a copied experiments folder checks its own models and folders (not the ones it was copied
+    from) and a moved one still finds them; any other path as recorded."""
+    if recorded_root is not None and current_root is not None:
+        try:
+            return Path(current_root) / Path(path).relative_to(recorded_root)
+        except ValueError:  # outside the experiments folder: an --external folder, GT masks
+            pass
+    return Path(path)
 
 
 def _dataset_change(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> str:
