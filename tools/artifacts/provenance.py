@@ -100,11 +100,16 @@ def file_hash(path: Path) -> str:
         raise DatasetError(f"{path}: cannot read ({error.strerror})") from error
 
 
+def argument_values(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
+    """A script's parsed arguments (or a mapping of them) as a plain name -> value dict."""
+    return dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args)
+
+
 def dataset_identity(args: argparse.Namespace | Mapping[str, Any], with_list: bool) -> dict[str, str] | None:
     """What a stage read of its dataset: the descriptor's content (and the COCO index's), the resolved data
     root and, ``with_list`` (training: a model depends on its list), the list's content. None for a run
     without dataset flags."""
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    values = argument_values(args)
     if not values.get("dataset"):
         return None
     descriptor = load_descriptor(values["dataset"])
@@ -120,7 +125,7 @@ def dataset_identity(args: argparse.Namespace | Mapping[str, Any], with_list: bo
 
 def settings_of(args: argparse.Namespace | Mapping[str, Any]) -> dict[str, Any]:
     """The arguments that decide what an artifact holds (all but ``EXECUTION_FLAGS``), JSON-plain."""
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    values = argument_values(args)
     return {name: plain(value) for name, value in sorted(values.items())
             if name not in EXECUTION_FLAGS and not name.startswith("_")}
 
@@ -130,7 +135,7 @@ def run_record(script: str, args: argparse.Namespace | Mapping[str, Any],
                run_id: str | None = None) -> dict[str, Any]:
     """What ``script`` run with ``args`` on ``inputs`` (``name -> folder_input / model_input / ...``) and on its
     dataset (``dataset_identity``; ``with_list`` for training) is; ``run_id`` identifies a model's run."""
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    values = argument_values(args)
     settings = settings_of(values)
     execution = {name: plain(value) for name, value in sorted(values.items()) if name in EXECUTION_FLAGS}
     inputs = {name: dict(entry) for name, entry in (inputs or {}).items()}
@@ -222,7 +227,7 @@ def stale_reasons(record: Mapping[str, Any], args: argparse.Namespace | Mapping[
     if current is not None and recorded != current:
         reasons.append(_dataset_change(recorded, current))
     recorded_root = record.get("execution", {}).get("experiments_dir")
-    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    values = argument_values(args)
     for name, entry in record.get("inputs", {}).items():
         external = bool(entry.get("external"))
         path = input_path_now(entry["path"], recorded_root, values.get("experiments_dir"))
