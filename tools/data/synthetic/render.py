@@ -52,8 +52,8 @@ class ClassSpec:
 # label set) follow the same rule (semicircle/trefoil, hourglass/diamond and trapezoid/cross share hues,
 # frame/hourglass, chevron/trefoil and trapezoid/gear textures); they come after the first twelve, so a
 # set of up to 12 classes renders exactly as before they were added. The cross had the square's hue
-# (232) until both shared hue, straight edges and 4-fold symmetry in the 6-class demo set: its DeepLab,
-# trained from scratch on 400 images, took whole squares for crosses on val (docs/demo.md).
+# (232) until ac08014; sharing hue, straight edges and 4-fold symmetry with the square, it made the
+# 6-class demo's DeepLab (from scratch, 400 images) take whole val squares for crosses (docs/demo.md).
 CLASS_SPECS = (
     ClassSpec("disc", 0.0, "stripes", 0.45),
     ClassSpec("square", 220.0, "checker", 0.50),
